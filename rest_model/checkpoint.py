@@ -1,0 +1,123 @@
+"""Checkpoints: `.safetensors` whose metadata carries the format, its version, the kind of model and
+its full config as JSON, so a loader needs nothing but the file. Never unpickles anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import DiTConfig, VAEConfig, check_compatible, from_json, to_json
+from .dit import CausalDiT
+from .vae import CausalVAE
+
+FORMAT = "rest-node-pack"
+FORMAT_VERSION = 1
+KINDS = {"vae": (VAEConfig, CausalVAE), "dit": (DiTConfig, CausalDiT)}
+NAMES = {"vae": "REST VAE", "dit": "causal DiT"}
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be used, with the file and the reason in the message."""
+
+
+def kind_of(module: torch.nn.Module) -> str:
+    for kind, (_, cls) in KINDS.items():
+        if isinstance(module, cls):
+            return kind
+    raise TypeError(f"not a REST model: {type(module).__name__}")
+
+
+def save(module: torch.nn.Module, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """Write weights + {format, format_version, kind, config[, extra]} metadata atomically."""
+    kind = kind_of(module)
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": kind, "config": to_json(module.cfg)}
+    if extra:
+        meta["extra"] = json.dumps(extra)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    tmp = f"{path}.tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint under the real name
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The REST metadata of a file, or a CheckpointError saying why it is not a usable REST file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable .safetensors file (truncated, corrupt, or another "
+                              f"format such as a pickle, which is never loaded): {e}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a .safetensors file but not a REST checkpoint "
+                              f"(no '{FORMAT}' format in its metadata)")
+    version = int(meta.get("format_version", "0"))
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {version}; this pack reads up to {FORMAT_VERSION}")
+    if meta.get("kind") not in KINDS or "config" not in meta:
+        raise CheckpointError(f"{path}: REST metadata lacks a valid kind/config")
+    return meta
+
+
+def load(path: str | os.PathLike, kind: str, device="cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Load a checkpoint of the given kind ('vae' or 'dit'), checking that the file matches it."""
+    path = os.fspath(path)
+    meta = read_metadata(path)
+    if meta["kind"] != kind:
+        raise CheckpointError(f"{path} is a {NAMES[meta['kind']]} checkpoint, but a {NAMES[kind]} was expected")
+    cfg_cls, cls = KINDS[kind]
+    try:
+        cfg = from_json(cfg_cls, meta["config"])
+        module = cls(cfg)
+    except (ValueError, TypeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: its config cannot build a {NAMES[kind]}: {e}") from None
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: weights cannot be read (truncated or corrupt?): {e}") from None
+    _check_weights(path, module, tensors)
+    module.load_state_dict(tensors)
+    module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
+    return module.eval().requires_grad_(False)
+
+
+def _check_weights(path, module, tensors):
+    want = module.state_dict()
+    missing = sorted(set(want) - set(tensors))
+    unexpected = sorted(set(tensors) - set(want))
+    shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
+              if k in tensors and tensors[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    if shapes:
+        problems.append(f"{len(shapes)} of the wrong shape (e.g. {shapes[:3]})")
+    if problems:
+        raise CheckpointError(f"{path}: weights do not match the config in its metadata: " + "; ".join(problems))
+
+
+def load_vae(path, device="cpu", dtype=None) -> CausalVAE:
+    return load(path, "vae", device, dtype)
+
+
+def load_dit(path, device="cpu", dtype=None) -> CausalDiT:
+    return load(path, "dit", device, dtype)
+
+
+def load_pair(vae_path, dit_path, device="cpu", dtype=None) -> tuple[CausalVAE, CausalDiT]:
+    """Load a VAE and a DiT and refuse the pair if the DiT expects another latent layout."""
+    vae, dit = load_vae(vae_path, device, dtype), load_dit(dit_path, device, dtype)
+    try:
+        check_compatible(vae.cfg, dit.cfg)
+    except ValueError as e:
+        raise CheckpointError(f"{dit_path} does not fit {vae_path}: {e}") from None
+    return vae, dit

@@ -1,0 +1,107 @@
+"""Command line: `python -m rest_model generate ...` (later: synth, prepare, train-*, distill, eval)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, media
+from .config import preset
+from .dit import CausalDiT
+from .streamer import AudioSource, stream
+from .vae import CausalVAE
+
+log = logging.getLogger("rest_model")
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_VAE = ROOT / "models" / "demo" / "rest_vae_demo.safetensors"
+DEMO_DIT = ROOT / "models" / "demo" / "rest_dit_demo.safetensors"
+DEMO_PORTRAIT = ROOT / "assets" / "portrait.png"
+DEMO_SPEECH = ROOT / "assets" / "speech.wav"
+
+
+def random_model(preset_name: str, seed: int = 0) -> tuple[CausalVAE, CausalDiT]:
+    """Untrained VAE + DiT of a preset (tests, benchmarks, smoke runs); output is not a face."""
+    torch.manual_seed(seed)
+    p = preset(preset_name)
+    return CausalVAE(p.vae).eval(), CausalDiT(p.dit).eval()
+
+
+def _models(args):
+    if args.random_weights:
+        log.warning("RANDOM WEIGHTS (preset %s): the video will be noise, not a talking head", args.preset)
+        return random_model(args.preset, args.seed)
+    vae_path, dit_path = args.vae or DEMO_VAE, args.dit or DEMO_DIT
+    for p in (vae_path, dit_path):
+        if not Path(p).is_file():
+            raise SystemExit(f"error: model file {p} not found. Pass --vae/--dit, or --random-weights "
+                             f"for an untrained smoke run.")
+    return checkpoint.load_pair(vae_path, dit_path, args.device)
+
+
+def cmd_generate(args) -> int:
+    vae, dit = _models(args)
+    vae.to(args.device), dit.to(args.device)
+    cfg = dataclasses.replace(dit.cfg.stream, **{k: v for k, v in dict(
+        steps=args.steps, chunk_frames=args.chunk, context_frames=args.context).items() if v is not None})
+    portrait = media.fit_portrait(media.load_image(args.image), dit.cfg.resolution, args.crop)
+    wave, sr = media.load_audio(args.audio)
+    total = media_frames = None
+    t0, first = time.perf_counter(), None
+    fps = dit.cfg.fps
+    media_frames = -(-wave.shape[-1] * fps // sr)
+    total = -(-media_frames // (cfg.chunk_frames * dit.cfg.temporal_compression))
+
+    def progress(chunk):
+        nonlocal first
+        first = first or time.perf_counter() - t0
+        done = chunk.index + 1
+        bar = "#" * int(30 * done / total)
+        print(f"\r[{bar:<30}] chunk {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    chunks = stream(vae, dit, portrait, AudioSource.whole(wave, sr), cfg, seed=args.seed, callback=progress)
+    n = media.write_video(args.out, (c.frames for c in chunks), fps, audio=wave, sample_rate=sr)
+    dt = time.perf_counter() - t0
+    print(file=sys.stderr)
+    print(f"wrote {args.out}: {n} frames at {fps} fps ({n / fps:.2f} s), generated in {dt:.2f} s "
+          f"({n / dt:.1f} fps, first frame after {first or 0:.2f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m rest_model", description=__doc__)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="portrait + speech -> talking-head mp4 with the speech track")
+    g.add_argument("--image", default=str(DEMO_PORTRAIT), help="portrait image (any size; RGBA/gray ok)")
+    g.add_argument("--audio", default=str(DEMO_SPEECH), help="speech audio (any format PyAV reads)")
+    g.add_argument("--out", default="out/talking_head.mp4")
+    g.add_argument("--vae", help=f"VAE .safetensors (default: bundled demo {DEMO_VAE.name})")
+    g.add_argument("--dit", help=f"DiT .safetensors (default: bundled demo {DEMO_DIT.name})")
+    g.add_argument("--random-weights", action="store_true", help="untrained model of --preset (smoke test)")
+    g.add_argument("--preset", default="tiny", help="preset for --random-weights (tiny/demo/base)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, help="Euler steps per chunk (default: the model's)")
+    g.add_argument("--chunk", type=int, help="latent frames per chunk (default: the model's)")
+    g.add_argument("--context", type=int, help="latent frames in the Context-Cache (default: the model's)")
+    g.add_argument("--crop", default="center", choices=media.CROP_MODES)
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.set_defaults(fn=cmd_generate)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if getattr(args, "out", None):
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    try:
+        return args.fn(args)
+    except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,196 @@
+"""Causal spatiotemporal VAE (REST stage 1).
+
+Video [B, 3, T, H, W] in [-1, 1] -> latent [B, Cz, T/tc, H/s, W/s] and back. Temporal compression is a
+space-to-depth over groups of tc frames, and every temporal convolution is causal, so each latent
+frame depends only on itself and earlier frames. The decoder therefore streams exactly: feed it one
+latent chunk at a time with the carried tails of its causal convolutions (`DecoderState`), and the
+frames equal a full decode of the whole latent. Norms are per frame (never over time) for the same
+reason.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from .config import VAEConfig
+
+
+class CausalPad:
+    """The carried tails of every causal conv in a module, in call order.
+
+    `tails=None` starts a stream: the missing past is the first frame repeated (a still picture before
+    the video began), identical in full and streaming decode. After a call, `new` holds what the next
+    chunk needs; its size is fixed, so streaming memory does not grow with stream length.
+    """
+
+    def __init__(self, tails: list[torch.Tensor] | None = None):
+        self.tails, self.new, self._i = tails, [], 0
+
+    def __call__(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        if n == 0:
+            return x
+        if self.tails is None:
+            past = x[:, :, :1].expand(-1, -1, n, -1, -1)
+        else:
+            past = self.tails[self._i]
+            self._i += 1
+        x = torch.cat([past, x], dim=2)
+        self.new.append(x[:, :, -n:].detach())
+        return x
+
+
+class CausalConv3d(nn.Module):
+    def __init__(self, cin: int, cout: int, kt: int = 3, ks: int = 3):
+        super().__init__()
+        self.kt = kt
+        self.conv = nn.Conv3d(cin, cout, (kt, ks, ks), padding=(0, ks // 2, ks // 2))
+
+    def forward(self, x, pad: CausalPad):
+        return self.conv(pad(x, self.kt - 1))
+
+
+def frame_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm over (C, H, W) of each frame separately: statistics never mix time steps."""
+    b = x.shape[0]
+    y = norm(rearrange(x, "b c t h w -> (b t) c h w"))
+    return rearrange(y, "(b t) c h w -> b c t h w", b=b)
+
+
+def _groups(c: int) -> int:
+    return next(g for g in (32, 16, 8, 4, 2, 1) if c % g == 0)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, kt: int):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(_groups(cin), cin), CausalConv3d(cin, cout, kt)
+        self.norm2, self.conv2 = nn.GroupNorm(_groups(cout), cout), CausalConv3d(cout, cout, kt)
+        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, pad: CausalPad):
+        h = self.conv1(F.silu(frame_norm(self.norm1, x)), pad)
+        h = self.conv2(F.silu(frame_norm(self.norm2, h)), pad)
+        return self.skip(x) + h
+
+
+class Down(nn.Module):
+    """2x spatial downsample: space-to-depth then a 1x1 conv (cheap, exact, no temporal mixing)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.proj = nn.Conv3d(cin * 4, cout, 1)
+
+    def forward(self, x):
+        return self.proj(rearrange(x, "b c t (h p) (w q) -> b (c p q) t h w", p=2, q=2))
+
+
+class Up(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.proj = nn.Conv3d(cin, cout * 4, 1)
+
+    def forward(self, x):
+        return rearrange(self.proj(x), "b (c p q) t h w -> b c t (h p) (w q)", p=2, q=2)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch, kt = cfg.channels, cfg.temporal_kernel
+        cin = 3 * cfg.patch_size ** 2 * cfg.temporal_compression
+        self.conv_in = CausalConv3d(cin, ch[0], kt)
+        self.levels = nn.ModuleList()
+        for i, c in enumerate(ch):
+            blocks = nn.ModuleList(ResBlock(c, c, kt) for _ in range(cfg.blocks_per_level))
+            down = Down(c, ch[i + 1]) if i + 1 < len(ch) else nn.Identity()
+            self.levels.append(nn.ModuleDict(dict(blocks=blocks, down=down)))
+        self.norm_out = nn.GroupNorm(_groups(ch[-1]), ch[-1])
+        self.conv_out = nn.Conv3d(ch[-1], 2 * cfg.latent_channels, 1)
+
+    def forward(self, video):  # (B, 3, T, H, W) -> (B, 2Cz, t, h, w)
+        c = self.cfg
+        x = rearrange(video, "b c (t pt) (h ph) (w pw) -> b (c pt ph pw) t h w",
+                      pt=c.temporal_compression, ph=c.patch_size, pw=c.patch_size)
+        pad = CausalPad()
+        x = self.conv_in(x, pad)
+        for level in self.levels:
+            for block in level["blocks"]:
+                x = block(x, pad)
+            x = level["down"](x)
+        return self.conv_out(F.silu(frame_norm(self.norm_out, x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch, kt = cfg.channels[::-1], cfg.temporal_kernel
+        self.conv_in = CausalConv3d(cfg.latent_channels, ch[0], kt)
+        self.levels = nn.ModuleList()
+        for i, c in enumerate(ch):
+            blocks = nn.ModuleList(ResBlock(c, c, kt) for _ in range(cfg.blocks_per_level))
+            up = Up(c, ch[i + 1]) if i + 1 < len(ch) else nn.Identity()
+            self.levels.append(nn.ModuleDict(dict(blocks=blocks, up=up)))
+        self.norm_out = nn.GroupNorm(_groups(ch[-1]), ch[-1])
+        self.conv_out = nn.Conv3d(ch[-1], 3 * cfg.patch_size ** 2 * cfg.temporal_compression, 1)
+
+    def forward(self, z, pad: CausalPad):  # (B, Cz, t, h, w) -> (B, 3, t*tc, H, W)
+        c = self.cfg
+        x = self.conv_in(z, pad)
+        for level in self.levels:
+            for block in level["blocks"]:
+                x = block(x, pad)
+            x = level["up"](x)
+        x = self.conv_out(F.silu(frame_norm(self.norm_out, x)))
+        return rearrange(x, "b (c pt ph pw) t h w -> b c (t pt) (h ph) (w pw)",
+                         pt=c.temporal_compression, ph=c.patch_size, pw=c.patch_size)
+
+
+DecoderState = list  # the carried conv tails of a streaming decode; None starts a new stream
+
+
+class CausalVAE(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+
+    def _check_video(self, video: torch.Tensor):
+        c = self.cfg
+        if video.ndim != 5 or video.shape[1] != 3:
+            raise ValueError(f"video must be [B, 3, T, H, W], got {tuple(video.shape)}")
+        t, h, w = video.shape[2:]
+        if t % c.temporal_compression or h % c.spatial_compression or w % c.spatial_compression:
+            raise ValueError(f"video of {t} frames at {h}x{w}: frames must be a multiple of "
+                             f"{c.temporal_compression} and sides of {c.spatial_compression}")
+
+    def encode_dist(self, video):
+        """Posterior mean and log-variance (training), latents scaled for the DiT."""
+        self._check_video(video)
+        mean, logvar = self.encoder(video).chunk(2, dim=1)
+        return mean, logvar.clamp(-30, 20)
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, 3, T, H, W] in [-1, 1] -> posterior-mean latent [B, Cz, T/tc, h, w] (scaled)."""
+        return self.encode_dist(video)[0] * self.cfg.scaling_factor
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] portrait -> one latent frame [B, Cz, 1, h, w]: a still clip of tc frames."""
+        clip = image.unsqueeze(2).expand(-1, -1, self.cfg.temporal_compression, -1, -1)
+        return self.encode(clip)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Whole latent [B, Cz, t, h, w] -> video [B, 3, t*tc, H, W]."""
+        return self.decode_chunk(latent, None)[0]
+
+    def decode_chunk(self, latent: torch.Tensor, state: DecoderState | None):
+        """Streaming decode: one latent chunk plus the carried state -> (frames, next state).
+
+        Chaining this over consecutive chunks equals `decode` of their concatenation.
+        """
+        pad = CausalPad(state)
+        video = self.decoder(latent / self.cfg.scaling_factor, pad)
+        return video, pad.new
