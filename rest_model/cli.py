@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import os
 import sys
@@ -23,6 +24,8 @@ DEMO_VAE = ROOT / "models" / "demo" / "rest_vae_demo.safetensors"
 DEMO_DIT = ROOT / "models" / "demo" / "rest_dit_demo.safetensors"
 DEMO_PORTRAIT = ROOT / "assets" / "portrait.png"
 DEMO_SPEECH = ROOT / "assets" / "speech.wav"
+# modules that add sub-commands: each has register(subparsers), adding parsers with set_defaults(fn=...)
+SUBCOMMANDS: list[str] = []
 
 
 def random_model(preset_name: str, seed: int = 0) -> tuple[CausalVAE, CausalDiT]:
@@ -92,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--crop", default="center", choices=media.CROP_MODES)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.set_defaults(fn=cmd_generate)
+    for module in SUBCOMMANDS:
+        importlib.import_module(module).register(sub)
     return ap
 
 

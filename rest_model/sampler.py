@@ -32,3 +32,17 @@ def denoised(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tenso
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (1 - t) * x0 + t * noise
+
+
+def sample_clip(dit, ref: torch.Tensor, audio: torch.Tensor, noise: torch.Tensor, times: torch.Tensor,
+                causal: bool = False, chunk: int = 1, context: int = 0) -> torch.Tensor:
+    """Whole-clip sampling in one sequence: the bidirectional teacher (causal=False), or the student
+    seen all at once under its block-causal mask. noise: (B, Cz, T, h, w); audio: (B, T, W, A) windows.
+    Every frame shares the same time here; per-frame times are for training (diffusion forcing, ASD).
+    """
+    b, f = noise.shape[0], noise.shape[2]
+
+    def velocity(x, t):
+        return dit(x, t.expand(b, f), audio, ref, causal=causal, chunk=chunk, context=context)
+
+    return sample_euler(velocity, noise, times)
