@@ -47,8 +47,8 @@ class IDContextCache:
             k = kv.k if old is None else torch.cat([old.k, kv.k], 2)
             v = kv.v if old is None else torch.cat([old.v, kv.v], 2)
             # clone so the window does not keep the whole concatenation (or a caller's tensor) alive
-            self._ctx[i] = LayerKV(k[:, :, k.shape[2] - keep:].clone(), v[:, :, v.shape[2] - keep:].clone()) \
-                if keep > 0 else None
+            cut = max(0, k.shape[2] - keep)
+            self._ctx[i] = LayerKV(k[:, :, cut:].clone(), v[:, :, cut:].clone()) if keep > 0 else None
         self.frame += n_frames
 
     def reset(self, start_frame: int = 0):

@@ -47,6 +47,7 @@ class Chunk:
     latent: torch.Tensor  # [1, Cz, k, h, w]
     frames: torch.Tensor | None  # [n, 3, H, W] in [-1, 1]; n < k*tc only for the last chunk
     num_frames: int  # video frames this chunk contributes (the last chunk is cut to the audio)
+    state_bytes: int = 0  # everything the stream carries to the next chunk: cache, audio, decoder
 
 
 def prepare_reference(vae: CausalVAE, dit: CausalDiT, portrait: torch.Tensor) -> torch.Tensor:
@@ -130,7 +131,9 @@ def stream(vae: CausalVAE, dit: CausalDiT, portrait: torch.Tensor, audio: AudioS
             frames, decoder_state = vae.decode_chunk(latent, decoder_state)
             frames = frames[0].transpose(0, 1)  # (n, 3, H, W)
         n = min(k * tc, timeline.frames - f0) if timeline.finished else k * tc
-        chunk = Chunk(j, f0, latent, frames[:n] if frames is not None else None, n)
+        carried = cache.nbytes() + timeline.buf.numel() * timeline.buf.element_size() \
+            + sum(t.numel() * t.element_size() for t in decoder_state or [])
+        chunk = Chunk(j, f0, latent, frames[:n] if frames is not None else None, n, carried)
         if callback is not None:
             callback(chunk)
         yield chunk

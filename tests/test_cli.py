@@ -1,0 +1,113 @@
+import subprocess
+import sys
+import wave as wavmod
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rest_model import checkpoint, media
+from rest_model.cli import main
+from conftest import speech_like
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _wav(path, seconds, sr=22050, channels=1):
+    data = speech_like(seconds, sr).numpy()
+    data = np.stack([data] * channels, 1)
+    with wavmod.open(str(path), "wb") as w:
+        w.setnchannels(channels), w.setsampwidth(2), w.setframerate(sr)
+        w.writeframes((data * 32767).astype("<i2").tobytes())
+    return path
+
+
+def _png(path, mode="RGBA", size=(90, 70)):
+    arr = (np.random.default_rng(0).random((size[1], size[0], len(mode))) * 255).astype("uint8")
+    Image.fromarray(arr.squeeze(), mode).save(path)
+    return path
+
+
+def test_generate_writes_a_playable_mp4_matching_the_audio(tmp_path, tiny):
+    vae, dit = tiny
+    checkpoint.save(vae, tmp_path / "v.safetensors")
+    checkpoint.save(dit, tmp_path / "d.safetensors")
+    out = tmp_path / "out" / "video.mp4"
+    rc = main(["generate", "--image", str(_png(tmp_path / "p.png")), "--audio", str(_wav(tmp_path / "s.wav", 1.7, channels=2)),
+               "--out", str(out), "--vae", str(tmp_path / "v.safetensors"), "--dit", str(tmp_path / "d.safetensors")])
+    assert rc == 0
+    info = media.probe(out)
+    assert info["frames"] == 43  # ceil(1.7 s * 25 fps)
+    assert info["fps"] == 25 and (info["width"], info["height"]) == (32, 32)
+    assert info["has_audio"] and abs(info["audio_duration"] - 1.7) < 0.06
+    frames = [f.to_ndarray(format="rgb24") for f in __import__("av").open(str(out)).decode(video=0)]
+    assert len(frames) == 43 and np.std(np.stack(frames)) > 1  # not a blank video
+
+
+def test_generate_as_a_subprocess_with_random_weights(tmp_path):
+    out = tmp_path / "v.mp4"
+    r = subprocess.run([sys.executable, "-m", "rest_model", "generate", "--random-weights", "--image",
+                        str(_png(tmp_path / "g.png", "L")), "--audio", str(_wav(tmp_path / "s.wav", 0.3)),
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "RANDOM WEIGHTS" in r.stderr
+    assert media.probe(out)["frames"] == 8
+
+
+def test_missing_model_files_say_so(tmp_path, capsys):
+    rc = None
+    with pytest.raises(SystemExit, match="model file .*nope.safetensors not found"):
+        rc = main(["generate", "--image", str(_png(tmp_path / "p.png")), "--audio", str(_wav(tmp_path / "s.wav", 0.3)),
+                   "--vae", str(tmp_path / "nope.safetensors"), "--dit", str(tmp_path / "nope.safetensors"),
+                   "--out", str(tmp_path / "o.mp4")])
+    assert rc is None
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, capsys):
+    bad_audio = tmp_path / "bad.wav"
+    bad_audio.write_bytes(b"RIFF not really a wav")
+    rc = main(["generate", "--random-weights", "--image", str(_png(tmp_path / "p.png")), "--audio", str(bad_audio),
+               "--out", str(tmp_path / "o.mp4")])
+    assert rc == 2 and "bad.wav is not readable audio" in capsys.readouterr().err
+    tiny_img = _png(tmp_path / "t.png", "RGB", (5, 40))
+    rc = main(["generate", "--random-weights", "--image", str(tiny_img), "--audio", str(_wav(tmp_path / "s.wav", 0.3)),
+               "--out", str(tmp_path / "o.mp4")])
+    assert rc == 2 and "too small" in capsys.readouterr().err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "RGB", "P", "I;16"])
+def test_portraits_of_every_mode_load_as_rgb(tmp_path, mode):
+    path = tmp_path / f"p.png"
+    if mode == "I;16":
+        Image.fromarray((np.arange(64 * 48).reshape(48, 64) * 20).astype(np.uint16)).save(path)
+    elif mode == "P":
+        Image.new("RGB", (64, 48), (10, 200, 30)).convert("P").save(path)
+    else:
+        _png(path, mode, (64, 48))
+    img = media.load_image(path)
+    assert img.shape == (3, 48, 64) and 0 <= img.min() and img.max() <= 1
+    fitted = media.fit_portrait(img, 32, "center")
+    assert fitted.shape == (3, 32, 32) and -1 <= fitted.min() and fitted.max() <= 1
+
+
+def test_fit_portrait_modes_and_alpha():
+    rgba = torch.zeros(4, 20, 40)
+    rgba[3] = 0.0  # fully transparent -> white
+    out = media.fit_portrait(rgba, 16, "pad")
+    assert torch.allclose(out, torch.ones_like(out))
+    wide = torch.rand(3, 20, 40)
+    assert media.fit_portrait(wide, 16, "stretch").shape == (3, 16, 16)
+    with pytest.raises(ValueError, match="crop mode"):
+        media.fit_portrait(wide, 16, "zoom")
+    with pytest.raises(ValueError, match="1-4 channels"):
+        media.fit_portrait(torch.rand(5, 20, 20), 16)
+
+
+def test_unreadable_image(tmp_path):
+    p = tmp_path / "x.png"
+    p.write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match="x.png is not a readable image"):
+        media.load_image(p)

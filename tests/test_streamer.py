@@ -1,0 +1,114 @@
+import dataclasses
+
+import pytest
+import torch
+
+from rest_model.audio import chunk_lookahead_frames
+from rest_model.streamer import AudioSource, decode_stream, stream
+from conftest import speech_like
+
+
+def _portrait(dit, seed=0):
+    r = dit.cfg.resolution
+    return torch.rand(3, r, r, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _run(vae, dit, audio, **kw):
+    return list(stream(vae, dit, _portrait(dit), audio, dit.cfg.stream, seed=3, **kw))
+
+
+def test_frame_count_follows_the_audio(tiny):
+    vae, dit = tiny
+    for seconds, frames in [(1.0, 25), (0.5, 13), (0.04, 1)]:
+        chunks = _run(vae, dit, AudioSource.whole(speech_like(seconds, 16000), 16000))
+        assert sum(c.num_frames for c in chunks) == frames
+        assert all(c.frames.shape[0] == c.num_frames for c in chunks)
+        assert chunks[-1].frames.shape[1:] == (3, dit.cfg.resolution, dit.cfg.resolution)
+        assert [c.first_frame for c in chunks] == [8 * i for i in range(len(chunks))]
+
+
+def test_audio_arriving_in_pieces_equals_whole_audio(tiny):
+    vae, dit = tiny
+    wave = speech_like(1.5, 44100)
+    whole = _run(vae, dit, AudioSource.whole(wave, 44100))
+    pieces = [wave[i:i + 1234] for i in range(0, wave.numel(), 1234)]
+    live = _run(vae, dit, AudioSource(iter(pieces), 44100))
+    assert len(whole) == len(live)
+    for a, b in zip(whole, live):
+        torch.testing.assert_close(a.frames, b.frames, atol=2e-3, rtol=0)
+
+
+def test_changing_audio_after_a_chunk_leaves_earlier_chunks_bit_identical(tiny):
+    vae, dit = tiny
+    d = dit.cfg
+    spf, per_chunk = d.audio.samples_per_frame, d.stream.chunk_frames * d.temporal_compression
+    wave = speech_like(2.0, 16000)
+    change_frame = 4 * per_chunk  # audio changes from the start of chunk 4
+    other = wave.clone()
+    other[change_frame * spf:] = speech_like(2.0, 16000, seed=9)[change_frame * spf:]
+    a = _run(vae, dit, AudioSource.whole(wave, 16000))
+    b = _run(vae, dit, AudioSource.whole(other, 16000))
+    look = chunk_lookahead_frames(d)
+    for ca, cb in zip(a, b):
+        reads_until = ca.first_frame + per_chunk + look  # last audio frame (exclusive) the chunk needs
+        if reads_until <= change_frame:
+            assert torch.equal(ca.frames, cb.frames), f"chunk {ca.index} saw audio it should not need"
+        elif ca.first_frame >= change_frame:
+            assert not torch.allclose(ca.frames, cb.frames), f"chunk {ca.index} ignores its own audio"
+
+
+def test_carried_state_is_bounded_over_a_long_stream(tiny):
+    vae, dit = tiny
+    wave = speech_like(12.0, 16000)
+    pieces = (wave[i:i + 4000] for i in range(0, wave.numel(), 4000))
+    sizes = [c.state_bytes for c in stream(vae, dit, _portrait(dit), AudioSource(pieces, 16000), dit.cfg.stream)]
+    assert len(sizes) == 38
+    # the cache and decoder are constant once the window is full; the audio buffer only varies with how
+    # the 4000-sample pieces fall against chunk boundaries, so late chunks carry no more than early ones
+    early, late = sizes[5:15], sizes[25:-1]
+    assert max(late) <= max(early), f"carried state grows: {early} -> {late}"
+    assert max(sizes) - min(sizes[5:-1]) <= 4000 * 4 * 2  # at most two pieces of float32 audio of slack
+
+
+def test_stream_far_in_time_matches_stream_at_start(tiny):
+    vae, dit = tiny
+    audio = speech_like(1.0, 16000)
+    a = _run(vae, dit, AudioSource.whole(audio, 16000))
+    b = _run(vae, dit, AudioSource.whole(audio, 16000), start_frame=100_000)
+    for ca, cb in zip(a, b):
+        assert torch.equal(ca.frames, cb.frames)
+
+
+def test_latents_then_decode_stream_equals_decoding_in_the_loop(tiny):
+    vae, dit = tiny
+    audio = AudioSource.whole(speech_like(1.0, 16000), 16000)
+    with_frames = _run(vae, dit, audio)
+    latents_only = _run(vae, dit, AudioSource.whole(speech_like(1.0, 16000), 16000), decode=False)
+    assert all(c.frames is None for c in latents_only)
+    decoded = list(decode_stream(vae, (c.latent for c in latents_only)))
+    for c, frames in zip(with_frames, decoded):
+        torch.testing.assert_close(c.frames, frames[: c.num_frames])
+
+
+def test_more_steps_and_seeds_change_the_result(tiny):
+    vae, dit = tiny
+    audio = speech_like(0.5, 16000)
+    base = _run(vae, dit, AudioSource.whole(audio, 16000))[0].frames
+    other_seed = list(stream(vae, dit, _portrait(dit), AudioSource.whole(audio, 16000), dit.cfg.stream, seed=4))
+    more_steps = list(stream(vae, dit, _portrait(dit), AudioSource.whole(audio, 16000),
+                             dataclasses.replace(dit.cfg.stream, steps=4), seed=3))
+    assert not torch.allclose(base, other_seed[0].frames)
+    assert not torch.allclose(base, more_steps[0].frames)
+
+
+def test_wrong_portrait_size_is_named(tiny):
+    vae, dit = tiny
+    with pytest.raises(ValueError, match="fit_portrait"):
+        next(stream(vae, dit, torch.zeros(3, 20, 20), AudioSource.whole(speech_like(0.5, 16000), 16000),
+                    dit.cfg.stream))
+
+
+def test_silent_audio_still_streams(tiny):
+    vae, dit = tiny
+    chunks = _run(vae, dit, AudioSource.whole(torch.zeros(16000), 16000))
+    assert sum(c.num_frames for c in chunks) == 25 and all(torch.isfinite(c.frames).all() for c in chunks)

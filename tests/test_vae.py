@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from rest_model.config import VAEConfig
+from rest_model.vae import CausalVAE
+from conftest import randomize
+
+
+def test_streamed_decode_equals_full_decode(tiny):
+    vae, _ = tiny
+    z = torch.randn(1, vae.cfg.latent_channels, 7, 4, 4)
+    full = vae.decode(z)
+    state, parts, sizes = None, [], []
+    for a, b in [(0, 2), (2, 3), (3, 5), (5, 7)]:  # uneven chunks, one of a single frame
+        frames, state = vae.decode_chunk(z[:, :, a:b], state)
+        parts.append(frames)
+        sizes.append(sum(t.numel() for t in state))
+    torch.testing.assert_close(torch.cat(parts, 2), full, atol=1e-5, rtol=1e-5)
+    assert len(set(sizes)) == 1, f"decoder state must not grow with the stream: {sizes}"
+
+
+def test_decoder_is_causal(tiny):
+    vae, _ = tiny
+    z = torch.randn(1, vae.cfg.latent_channels, 4, 4, 4)
+    z2 = z.clone()
+    z2[:, :, 3] += 1.0
+    a, b = vae.decode(z), vae.decode(z2)
+    tc = vae.cfg.temporal_compression
+    assert torch.equal(a[:, :, : 3 * tc], b[:, :, : 3 * tc])
+    assert not torch.allclose(a[:, :, 3 * tc:], b[:, :, 3 * tc:])
+
+
+@pytest.mark.parametrize("s,tc", [(8, 4), (16, 4), (32, 8), (16, 8)])
+def test_shapes_for_each_compression(s, tc):
+    levels = {8: (8, 16), 16: (8, 16, 16), 32: (8, 16, 16, 16)}[s]
+    vae = CausalVAE(VAEConfig(latent_channels=4, spatial_compression=s, temporal_compression=tc,
+                              patch_size=4, channels=levels)).eval()
+    video = torch.rand(1, 3, 2 * tc, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(video)
+        assert z.shape == (1, 4, 2, 64 // s, 64 // s)
+        assert vae.decode(z).shape == video.shape
+        img = vae.encode_image(video[:, :, 0])
+        assert img.shape == (1, 4, 1, 64 // s, 64 // s)
+
+
+def test_single_image_encode_is_a_still_clip(tiny):
+    vae, _ = tiny
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    still = img[:, :, None].expand(-1, -1, vae.cfg.temporal_compression, -1, -1)
+    torch.testing.assert_close(vae.encode_image(img), vae.encode(still))
+
+
+def test_bad_video_shapes_are_named(tiny):
+    vae, _ = tiny
+    with pytest.raises(ValueError, match="multiple of 4"):
+        vae.encode(torch.zeros(1, 3, 5, 32, 32))
+    with pytest.raises(ValueError, match=r"\[B, 3, T, H, W\]"):
+        vae.encode(torch.zeros(1, 4, 4, 32, 32))
+
+
+def test_bad_compression_config():
+    with pytest.raises(ValueError, match="levels"):
+        VAEConfig(spatial_compression=32, patch_size=4, channels=(8, 16))
