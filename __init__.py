@@ -1,0 +1,7 @@
+"""ComfyUI entry point of the REST talking-heads node pack (classic node API)."""
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from .nodes.host import register_model_folder
+
+register_model_folder()  # models/rest/ exists in ComfyUI's model folders before any loader lists it
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

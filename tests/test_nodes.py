@@ -1,0 +1,390 @@
+"""The six REST nodes, run without ComfyUI through the entry points ComfyUI uses
+(NODE_CLASS_MAPPINGS -> INPUT_TYPES -> FUNCTION), on tiny checkpoints written here."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PACK = "rest_pack_under_test"
+SIX = {"RESTLoadVAE": "Load REST VAE", "RESTLoadCausalDiT": "Load Causal DiT", "RESTAudioEncode": "Audio Encode",
+       "RESTIDContextCache": "ID-Context Cache", "RESTStreamingSampler": "Streaming Sampler",
+       "RESTDecodeChunk": "Decode Chunk"}
+
+
+def load_pack():
+    """Import the repo as ComfyUI imports a custom node folder: a package from its __init__.py."""
+    if PACK not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK] = module
+        spec.loader.exec_module(module)
+    return sys.modules[PACK]
+
+
+def rm(name):
+    """A module of the pack's own copy of rest_model (the one the nodes use)."""
+    return importlib.import_module(f"{PACK}.rest_model.{name}")
+
+
+def run(node_id, validate=True, **inputs):
+    """Execute a node the way ComfyUI does: defaults from INPUT_TYPES, combo values checked, FUNCTION called."""
+    cls = load_pack().NODE_CLASS_MAPPINGS[node_id]
+    spec = cls.INPUT_TYPES()
+    for name, (kind, opts) in spec["required"].items():
+        if name not in inputs:
+            assert "default" in opts, f"{node_id}.{name} has no default and was not given"
+            inputs[name] = opts["default"]
+        if validate and isinstance(kind, list):
+            assert inputs[name] in kind, f"{node_id}.{name}: {inputs[name]!r} not in {kind}"
+    assert not set(inputs) - set(spec["required"]) - set(spec.get("optional", {}))
+    out = getattr(cls(), cls.FUNCTION)(**inputs)
+    assert isinstance(out, tuple) and len(out) == len(cls.RETURN_TYPES)
+    return out
+
+
+def speech(seconds, sr=44100, channels=2, seed=0):
+    """ComfyUI AUDIO: a voiced, syllable-modulated signal."""
+    t = torch.arange(int(seconds * sr)) / sr
+    g = torch.Generator().manual_seed(seed)
+    voice = sum(torch.sin(2 * math.pi * h * (110 + 40 * torch.rand(1, generator=g)) * t) / h for h in range(1, 6))
+    x = 0.3 * voice * torch.sin(2 * math.pi * 4 * t).clamp(min=0)
+    return {"waveform": x.expand(1, channels, -1).clone(), "sample_rate": sr}
+
+
+def image(h=40, w=56, c=3, seed=0):
+    """ComfyUI IMAGE [1, H, W, C] in [0, 1], deliberately not square."""
+    return torch.rand(1, h, w, c, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny checkpoints in a models folder: a matching VAE + DiT, a DiT of another latent layout, a non-REST file."""
+    load_pack()
+    d = tmp_path_factory.mktemp("models_rest")
+    ckpt, cfg = rm("checkpoint"), rm("config")
+    torch.manual_seed(0)
+    vae = rm("vae").CausalVAE(cfg.preset("tiny").vae)
+    dit = rm("dit").CausalDiT(cfg.preset("tiny").dit)
+    # an untrained DiT starts with zero gates and a zero output layer (adaLN-zero), so its output would be
+    # pure noise whatever the portrait and audio; give those weights values so the tests see the inputs matter
+    with torch.no_grad():
+        for p in dit.parameters():
+            if not p.any():
+                p.normal_(std=0.05)
+    ckpt.save(vae, d / "tiny_vae.safetensors")
+    ckpt.save(dit, d / "tiny_dit.safetensors")
+    other = rm("dit").CausalDiT(dataclasses.replace(cfg.preset("tiny").dit, latent_channels=4))
+    ckpt.save(other, d / "other_layout_dit.safetensors")
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(d / "not_rest.safetensors"))
+    return d
+
+
+@pytest.fixture
+def env(models, monkeypatch):
+    monkeypatch.setenv("REST_MODELS_DIR", str(models))
+    return models
+
+
+@pytest.fixture
+def comfy(monkeypatch):
+    """Fake comfy.utils / comfy.model_management: records the progress bar, can raise an interrupt."""
+    state = types.SimpleNamespace(bars=[], interrupt_at=None, checks=0)
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total, self.updates = total, []
+            state.bars.append(self)
+
+        def update_absolute(self, value, total=None, preview=None):
+            self.updates.append((value, total, preview))
+
+    def throw_exception_if_processing_interrupted():
+        state.checks += 1
+        if state.interrupt_at is not None and state.checks >= state.interrupt_at:
+            state.interrupt_at = None  # ComfyUI clears the flag when it raises
+            raise InterruptProcessingException()
+
+    mm = types.ModuleType("comfy.model_management")
+    mm.InterruptProcessingException = InterruptProcessingException
+    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    mm.get_torch_device = lambda: torch.device("cpu")
+    utils = types.ModuleType("comfy.utils")
+    utils.ProgressBar = ProgressBar
+    pkg = types.ModuleType("comfy")
+    pkg.utils, pkg.model_management = utils, mm
+    for name, mod in (("comfy", pkg), ("comfy.utils", utils), ("comfy.model_management", mm)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    state.Interrupt = InterruptProcessingException
+    return state
+
+
+@pytest.fixture
+def loaded(env):
+    vae, = run("RESTLoadVAE", vae_name="tiny_vae.safetensors")
+    dit, = run("RESTLoadCausalDiT", dit_name="tiny_dit.safetensors", vae=vae)
+    return vae, dit
+
+
+def latents(chunks):
+    return torch.cat(chunks.latents, 2)
+
+
+# -- definitions -------------------------------------------------------------------------------------------
+def test_six_nodes_declared_for_comfyui():
+    pack = load_pack()
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS == SIX
+    assert set(pack.NODE_CLASS_MAPPINGS) == set(SIX)
+    for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
+        assert cls.CATEGORY == "REST"
+        assert callable(getattr(cls(), cls.FUNCTION))
+        assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS)
+        spec = cls.INPUT_TYPES()
+        for section in spec.values():
+            for name, (_, opts) in section.items():
+                assert opts.get("tooltip"), f"{node_id}.{name} has no tooltip"
+    sampler = pack.NODE_CLASS_MAPPINGS["RESTStreamingSampler"]
+    assert sampler.RETURN_TYPES[0] == "REST_LATENT_CHUNKS"
+    assert pack.NODE_CLASS_MAPPINGS["RESTDecodeChunk"].RETURN_TYPES == ("IMAGE",)
+
+
+def test_pack_and_rest_model_import_without_comfyui():
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_nodes as t; "
+            "t.load_pack(); import rest_model.cli; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'folder_paths', 'comfy_extras')]; "
+            "assert not bad, bad; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+# -- model folder -----------------------------------------------------------------------------------------
+def fake_folder_paths(tmp_path, extra_dir):
+    """The part of ComfyUI's folder_paths the pack uses, with a `rest:` path from extra_model_paths.yaml."""
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = str(tmp_path / "ComfyUI" / "models")
+    fp.folder_names_and_paths = {"rest": ([str(extra_dir)], set())}  # what load_extra_path_config leaves
+
+    def add_model_folder_path(name, path, is_default=False):  # ComfyUI's logic
+        if name in fp.folder_names_and_paths:
+            paths = fp.folder_names_and_paths[name][0]
+            if path in paths:
+                if is_default and paths[0] != path:
+                    paths.remove(path), paths.insert(0, path)
+            elif is_default:
+                paths.insert(0, path)
+            else:
+                paths.append(path)
+        else:
+            fp.folder_names_and_paths[name] = ([path], set())
+
+    def get_filename_list(name):
+        paths, exts = fp.folder_names_and_paths[name]
+        return sorted({p.name for d in paths if Path(d).is_dir() for p in Path(d).iterdir()
+                       if not exts or p.suffix in exts})
+
+    def get_full_path(name, filename):
+        return next((str(Path(d) / filename) for d in fp.folder_names_and_paths[name][0]
+                     if (Path(d) / filename).is_file()), None)
+
+    fp.add_model_folder_path, fp.get_filename_list, fp.get_full_path = add_model_folder_path, get_filename_list, get_full_path
+    fp.get_folder_paths = lambda name: list(fp.folder_names_and_paths[name][0])
+    return fp
+
+
+def test_models_rest_registered_with_folder_paths_keeping_extra_model_paths(models, tmp_path, monkeypatch):
+    extra = tmp_path / "shared_models"
+    extra.mkdir()
+    (extra / "tiny_vae.safetensors").write_bytes((models / "tiny_vae.safetensors").read_bytes())
+    (extra / "readme.txt").write_text("not a model")
+    fp = fake_folder_paths(tmp_path, extra)
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    host = importlib.import_module(f"{PACK}.nodes.host")
+    host.register_model_folder()
+    host.register_model_folder()  # idempotent
+    paths, exts = fp.folder_names_and_paths["rest"]
+    assert paths == [str(extra), str(Path(fp.models_dir) / "rest"), str(host.DEMO_DIR)]
+    assert exts == {".safetensors"}
+    assert (Path(fp.models_dir) / "rest").is_dir()
+    choices = load_pack().NODE_CLASS_MAPPINGS["RESTLoadVAE"].INPUT_TYPES()["required"]["vae_name"][0]
+    assert choices == ["tiny_vae.safetensors"]
+    vae, = run("RESTLoadVAE", vae_name="tiny_vae.safetensors")
+    assert vae.rest_file == str(extra / "tiny_vae.safetensors")
+
+
+def test_loaders_list_the_models_folder_and_honour_dtype(env):
+    names = load_pack().NODE_CLASS_MAPPINGS["RESTLoadCausalDiT"].INPUT_TYPES()["required"]["dit_name"][0]
+    assert {"tiny_vae.safetensors", "tiny_dit.safetensors", "other_layout_dit.safetensors"} <= set(names)
+    vae, = run("RESTLoadVAE", vae_name="tiny_vae.safetensors", dtype="float16")
+    assert next(vae.parameters()).dtype == torch.float16
+    dit, = run("RESTLoadCausalDiT", dit_name="tiny_dit.safetensors", device="cpu")
+    assert next(dit.parameters()).dtype == torch.float32 and next(dit.parameters()).device.type == "cpu"
+
+
+# -- bad input ----------------------------------------------------------------------------------------------
+def test_missing_model_file_names_the_file_and_the_folder(env):
+    with pytest.raises(FileNotFoundError, match=r"'gone\.safetensors' not found.*models/rest"):
+        run("RESTLoadVAE", validate=False, vae_name="gone.safetensors")
+
+
+def test_dit_loader_refuses_a_vae_file(env):
+    with pytest.raises(ValueError, match=r"tiny_vae\.safetensors is a REST VAE checkpoint, but a causal DiT"):
+        run("RESTLoadCausalDiT", dit_name="tiny_vae.safetensors")
+    with pytest.raises(ValueError, match=r"not_rest\.safetensors .*not a REST checkpoint"):
+        run("RESTLoadVAE", vae_name="not_rest.safetensors")
+
+
+def test_mismatched_vae_and_dit_refused_naming_both_files(loaded):
+    vae, dit = loaded
+    with pytest.raises(ValueError, match=r"other_layout_dit\.safetensors does not fit the VAE .*tiny_vae\.safetensors"
+                                         r".*latent_channels: VAE 8 vs DiT 4"):
+        run("RESTLoadCausalDiT", dit_name="other_layout_dit.safetensors", vae=vae)
+    other, = run("RESTLoadCausalDiT", dit_name="other_layout_dit.safetensors")  # alone it loads...
+    with pytest.raises(ValueError, match=r"other_layout_dit\.safetensors does not fit"):  # ...but not with this VAE
+        run("RESTIDContextCache", image=image(), vae=vae, dit=other)
+
+
+def test_cuda_choice_without_a_gpu_is_a_clear_error(env):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        run("RESTLoadCausalDiT", dit_name="tiny_dit.safetensors", device="cuda")
+
+
+def test_empty_or_broken_audio_is_refused(loaded):
+    _, dit = loaded
+    with pytest.raises(ValueError, match="empty"):
+        run("RESTAudioEncode", audio={"waveform": torch.zeros(1, 2, 0), "sample_rate": 44100}, dit=dit)
+    bad = speech(0.2)
+    bad["waveform"][0, 0, 100] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        run("RESTAudioEncode", audio=bad, dit=dit)
+    with pytest.raises(ValueError, match="batch"):
+        run("RESTAudioEncode", audio={"waveform": torch.zeros(2, 1, 800), "sample_rate": 16000}, dit=dit)
+
+
+# -- the nodes' work ------------------------------------------------------------------------------------------
+def test_audio_encode_aligns_speech_to_video_frames(loaded):
+    _, dit = loaded
+    rest_audio, frames, duration, fps = run("RESTAudioEncode", audio=speech(0.5, sr=44100, channels=2), dit=dit)
+    assert (frames, fps) == (13, 25.0) and duration == pytest.approx(0.5)  # ceil(0.5 s x 25 fps)
+    spf = dit.cfg.audio.samples_per_frame
+    assert rest_audio.sample_rate == 25 * spf == dit.audio_encoder.sample_rate
+    assert rest_audio.waveform.ndim == 1  # mono
+    assert math.ceil(rest_audio.waveform.numel() / spf) == frames == rest_audio.num_frames
+
+
+def test_id_context_cache_handles_rgba_gray_sizes_and_crop_modes(loaded):
+    vae, dit = loaded
+    r = dit.cfg.resolution
+    cache, shown = run("RESTIDContextCache", image=image(c=3), vae=vae, dit=dit, context_frames=3)
+    assert shown.shape == (1, r, r, 3) and 0 <= shown.min() and shown.max() <= 1
+    assert cache.context_frames == 3 and cache.cache.context_frames == 3
+    assert cache.reference.shape == (1, vae.cfg.latent_channels, 1, dit.cfg.latent_size, dit.cfg.latent_size)
+    assert len(cache.cache.sink) == dit.cfg.depth  # ID-Sink: K/V per block, computed here
+    for c in (1, 4):
+        _, s = run("RESTIDContextCache", image=image(c=c), vae=vae, dit=dit)
+        assert s.shape == (1, r, r, 3)
+    gray = image(c=1)
+    _, s = run("RESTIDContextCache", image=gray, vae=vae, dit=dit, crop="stretch")
+    assert torch.allclose(s[..., 0], s[..., 2])  # gray stays gray
+    transparent = torch.ones(1, 40, 56)  # Load Image's MASK: 1 = fully transparent
+    _, s = run("RESTIDContextCache", image=image(), vae=vae, dit=dit, mask=transparent)
+    assert torch.allclose(s, torch.ones_like(s), atol=1e-3)  # composited on white
+    no_alpha = torch.zeros(1, 64, 64)  # what Load Image returns for an image without alpha
+    _, a = run("RESTIDContextCache", image=image(), vae=vae, dit=dit, mask=no_alpha)
+    _, b = run("RESTIDContextCache", image=image(), vae=vae, dit=dit)
+    assert torch.allclose(a, b, atol=1e-6)
+    crops = [run("RESTIDContextCache", image=image(), vae=vae, dit=dit, crop=m)[1] for m in ("center", "pad", "stretch")]
+    assert not torch.allclose(crops[0], crops[1]) and not torch.allclose(crops[0], crops[2])
+
+
+def test_whole_chain_portrait_and_audio_to_frames(loaded, comfy):
+    vae, dit = loaded
+    audio = speech(0.5)
+    rest_audio, n_frames, _, fps = run("RESTAudioEncode", audio=audio, dit=dit)
+    cache, _ = run("RESTIDContextCache", image=image(c=4), vae=vae, dit=dit, context_frames=2)
+    chunks, report = run("RESTStreamingSampler", dit=dit, cache=cache, audio=rest_audio, seed=7, steps=2,
+                         chunk_frames=2, preview=True)
+    frames, = run("RESTDecodeChunk", vae=vae, chunks=chunks)
+    r, per_chunk = dit.cfg.resolution, 2 * dit.cfg.temporal_compression
+    assert frames.shape == (n_frames, r, r, 3) == (13, 32, 32, 3) and frames.dtype == torch.float32
+    assert 0 <= frames.min() and frames.max() <= 1
+    assert chunks.num_frames == [8, 5] and len(chunks.latents) == math.ceil(13 / per_chunk)
+    assert "2 chunks, 13 frames" in report and "after chunk 2" in report
+    # progress: one update per chunk with a live preview, then one per decoded chunk
+    sampler_bar, decode_bar = comfy.bars
+    assert [u[0] for u in sampler_bar.updates] == [1, 2] and sampler_bar.total == 2
+    assert all(u[2][0] == "JPEG" and u[2][1].size == (r, r) for u in sampler_bar.updates)
+    assert [u[0] for u in decode_bar.updates] == [1, 2]
+    # the nodes add nothing to the model: same frames as rest_model's own stream on the same inputs
+    streamer = rm("streamer")
+    cfg = rm("config").StreamConfig(chunk_frames=2, context_frames=2, steps=2, shift=dit.cfg.stream.shift)
+    direct = torch.cat([c.frames for c in streamer.stream(vae, dit, cache.portrait, streamer.AudioSource.whole(
+        audio["waveform"], audio["sample_rate"]), cfg, seed=7)])
+    assert torch.allclose(frames, ((direct.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1), atol=1e-4)
+
+
+def test_decode_chunk_streams_to_the_same_frames_as_a_full_decode(loaded):
+    vae, dit = loaded
+    rest_audio, n, _, _ = run("RESTAudioEncode", audio=speech(0.7), dit=dit)
+    cache, _ = run("RESTIDContextCache", image=image(), vae=vae, dit=dit)
+    chunks, _ = run("RESTStreamingSampler", dit=dit, cache=cache, audio=rest_audio, chunk_frames=1, preview=False)
+    assert len(chunks.latents) == 5 and chunks.total_frames == n == 18
+    frames, = run("RESTDecodeChunk", vae=vae, chunks=chunks)
+    with torch.no_grad():
+        full = vae.decode(latents(chunks))[0, :, :n].permute(1, 2, 3, 0)
+    assert torch.allclose(frames, (full.clamp(-1, 1) + 1) / 2, atol=1e-5)
+
+
+def test_seed_portrait_and_audio_all_steer_the_sampler(loaded):
+    vae, dit = loaded
+    a, _, _, _ = run("RESTAudioEncode", audio=speech(0.3, seed=0), dit=dit)
+    b, _, _, _ = run("RESTAudioEncode", audio=speech(0.3, seed=1), dit=dit)
+    c1, _ = run("RESTIDContextCache", image=image(seed=0), vae=vae, dit=dit)
+    c2, _ = run("RESTIDContextCache", image=image(seed=1), vae=vae, dit=dit)
+    go = lambda cache, audio, seed: latents(run("RESTStreamingSampler", dit=dit, cache=cache, audio=audio, seed=seed,
+                                                preview=False)[0])  # noqa: E731
+    base = go(c1, a, 1)
+    assert torch.equal(base, go(c1, a, 1))
+    assert not torch.allclose(base, go(c1, a, 2))
+    assert not torch.allclose(base, go(c2, a, 1), atol=1e-4)
+    assert not torch.allclose(base, go(c1, b, 1), atol=1e-4)
+
+
+def test_interrupt_stops_between_chunks_and_the_next_run_works(loaded, comfy):
+    vae, dit = loaded
+    rest_audio, _, _, _ = run("RESTAudioEncode", audio=speech(1.0), dit=dit)  # 25 frames: 4 chunks
+    cache, _ = run("RESTIDContextCache", image=image(), vae=vae, dit=dit)
+    comfy.interrupt_at = comfy.checks + 2  # Cancel pressed while chunk 2 is generated
+    with pytest.raises(comfy.Interrupt):
+        run("RESTStreamingSampler", dit=dit, cache=cache, audio=rest_audio, seed=3, preview=False)
+    assert [u[0] for u in comfy.bars[-1].updates] == [1, 2]  # stopped right after chunk 2 of 4
+    again, _ = run("RESTStreamingSampler", dit=dit, cache=cache, audio=rest_audio, seed=3, preview=False)
+    fresh_cache, _ = run("RESTIDContextCache", image=image(), vae=vae, dit=dit)
+    fresh, _ = run("RESTStreamingSampler", dit=dit, cache=fresh_cache, audio=rest_audio, seed=3, preview=False)
+    assert len(again.latents) == 4 and again.total_frames == 25
+    assert torch.allclose(latents(again), latents(fresh), atol=1e-6)  # nothing left over from the cut stream
+
+
+def test_sampler_refuses_inputs_made_for_another_model(loaded, env):
+    vae, dit = loaded
+    rest_audio, _, _, _ = run("RESTAudioEncode", audio=speech(0.3), dit=dit)
+    cache, _ = run("RESTIDContextCache", image=image(), vae=vae, dit=dit)
+    other, = run("RESTLoadCausalDiT", dit_name="other_layout_dit.safetensors")
+    with pytest.raises(ValueError, match="ID-Context Cache was computed with another DiT"):
+        run("RESTStreamingSampler", dit=other, cache=cache, audio=rest_audio)
+    wrong_rate = dataclasses.replace(rest_audio, sample_rate=8000)
+    with pytest.raises(ValueError, match="prepared for 25 fps / 8000 Hz"):
+        run("RESTStreamingSampler", dit=dit, cache=cache, audio=wrong_rate)
