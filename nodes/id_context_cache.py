@@ -8,7 +8,7 @@ from ..rest_model.config import StreamConfig
 from ..rest_model.media import CROP_MODES, fit_portrait
 from ..rest_model.streamer import new_cache, prepare_reference
 from .host import log
-from .loaders import check_pair
+from .loaders import check_pair, precision_errors
 from .payloads import CACHE, DIT, VAE, RestCache, placement, source
 
 
@@ -66,7 +66,7 @@ class RESTIDContextCache:
             log.info("REST: moving the VAE %s to the DiT's %s / %s", source(vae), device, dtype)
             vae.to(device, dtype)
         portrait = fit_portrait(portrait_chw(image, mask), dit.cfg.resolution, crop)
-        with torch.no_grad():
+        with torch.no_grad(), precision_errors(dit):
             reference = prepare_reference(vae, dit, portrait)
             cache = new_cache(dit, reference, StreamConfig(context_frames=context_frames))
         shown = ((portrait + 1) / 2).permute(1, 2, 0)[None].float().cpu()

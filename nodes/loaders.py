@@ -1,10 +1,14 @@
 """Load REST VAE / Load Causal DiT: a file from models/rest/ -> a rest_model module."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import torch
+
 from ..rest_model import checkpoint
 from ..rest_model.config import check_compatible
 from . import host
-from .payloads import DIT, VAE, source
+from .payloads import DIT, VAE, placement, source
 
 DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 DTYPE_TIP = ("Weights' precision. auto = float32, which runs everywhere; bfloat16/float16 halve memory "
@@ -12,7 +16,6 @@ DTYPE_TIP = ("Weights' precision. auto = float32, which runs everywhere; bfloat1
 
 
 def _dtype(choice: str):
-    import torch
     return getattr(torch, DTYPES[choice] or "float32")
 
 
@@ -22,6 +25,19 @@ def check_pair(vae, dit) -> None:
         check_compatible(vae.cfg, dit.cfg)
     except ValueError as e:
         raise checkpoint.CheckpointError(f"{source(dit)} does not fit the VAE {source(vae)}: {e}") from None
+
+
+@contextmanager
+def precision_errors(dit):
+    """Turn rest_model's dtype-mismatch crash under half precision into advice the user can act on."""
+    try:
+        yield
+    except RuntimeError as e:
+        dtype = placement(dit)[1]
+        if "dtype" in str(e) and dtype != torch.float32:
+            raise RuntimeError(f"the REST model failed in {str(dtype).replace('torch.', '')} ({e}); load the VAE and "
+                               f"DiT with dtype float32 (or auto)") from e
+        raise
 
 
 class LoadRESTVAE:

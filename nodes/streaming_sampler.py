@@ -8,6 +8,7 @@ import time
 from ..rest_model.config import StreamConfig
 from ..rest_model.streamer import AudioSource, stream
 from . import host
+from .loaders import precision_errors
 from .payloads import AUDIO, CACHE, CHUNKS, DIT, LatentChunks, placement, source
 
 # a rest_model whose stream() accepts the prebuilt ID-Context Cache skips recomputing the ID-Sink
@@ -70,9 +71,10 @@ class RESTStreamingSampler:
 
         extra = {"cache": cache.cache} if STREAM_TAKES_CACHE else {}
         t0 = time.perf_counter()
-        for _ in stream(cache.vae, dit, cache.portrait, AudioSource.whole(audio.waveform, audio.sample_rate), cfg,
-                        seed=seed, decode=preview, callback=on_chunk, **extra):
-            pass
+        with precision_errors(dit):
+            for _ in stream(cache.vae, dit, cache.portrait, AudioSource.whole(audio.waveform, audio.sample_rate), cfg,
+                            seed=seed, decode=preview, callback=on_chunk, **extra):
+                pass
         return (out, self._report(out, time.perf_counter() - t0, memory, device))
 
     @staticmethod

@@ -338,6 +338,24 @@ def probe_mp4(path: Path) -> dict:
     return out
 
 
+def frames_picture(mp4: Path, out: Path, count: int = 8, size: int = 160) -> None:
+    """A strip of `count` evenly spaced frames of a video (the README's picture of the output)."""
+    import av
+    from PIL import Image, ImageDraw
+
+    with av.open(str(mp4)) as c:
+        frames = [f.to_image() for f in c.decode(video=0)]
+    picks = [round(i * (len(frames) - 1) / max(count - 1, 1)) for i in range(count)]
+    sheet = Image.new("RGB", (count * (size + 8) + 8, size + 32), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, i in enumerate(picks):
+        sheet.paste(frames[i].resize((size, size), Image.NEAREST if frames[i].width < size else Image.BILINEAR),
+                    (8 + k * (size + 8), 8))
+        draw.text((8 + k * (size + 8), size + 14), f"frame {i}", fill="black")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+
+
 def run_workflow(server: Server, name: str, wf: dict, defs: dict, overrides: dict, timeout: float) -> dict:
     prompt = to_api_prompt(wf, defs, overrides)
     t0 = time.time()
@@ -446,11 +464,15 @@ def main(argv=None) -> int:
     ap.add_argument("--start-timeout", type=float, default=300)
     ap.add_argument("--run-timeout", type=float, default=900)
     ap.add_argument("--report", help="also write the JSON summary here")
+    ap.add_argument("--frames-picture", help="save a strip of frames of the first workflow's mp4 here (PNG)")
     args = ap.parse_args(argv)
     if not args.comfy or not is_comfy_checkout(Path(args.comfy)):
         print(f"SKIP: no ComfyUI checkout given (got {args.comfy!r}); pass its path or set COMFYUI_PATH")
         return 0
     summary = host_check(args)
+    mp4s = [m["path"] for r in summary.get("runs", []) for m in r["mp4"]]
+    if args.frames_picture and mp4s:
+        frames_picture(Path(mp4s[0]), Path(args.frames_picture))
     text = json.dumps(summary, indent=2)
     print(text)
     if args.report:

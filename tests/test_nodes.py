@@ -388,3 +388,17 @@ def test_sampler_refuses_inputs_made_for_another_model(loaded, env):
     wrong_rate = dataclasses.replace(rest_audio, sample_rate=8000)
     with pytest.raises(ValueError, match="prepared for 25 fps / 8000 Hz"):
         run("RESTStreamingSampler", dit=dit, cache=cache, audio=wrong_rate)
+
+
+def test_half_precision_runs_or_says_to_use_float32(env):
+    vae, = run("RESTLoadVAE", vae_name="tiny_vae.safetensors", dtype="bfloat16")
+    dit, = run("RESTLoadCausalDiT", dit_name="tiny_dit.safetensors", dtype="bfloat16", vae=vae)
+    assert next(dit.parameters()).dtype == torch.bfloat16
+    try:
+        cache, _ = run("RESTIDContextCache", image=image(), vae=vae, dit=dit)
+        rest_audio, _, _, _ = run("RESTAudioEncode", audio=speech(0.3), dit=dit)
+        chunks, _ = run("RESTStreamingSampler", dit=dit, cache=cache, audio=rest_audio, preview=False)
+    except RuntimeError as e:  # a rest_model without half-precision support
+        assert "load the VAE and DiT with dtype float32" in str(e)
+    else:
+        assert chunks.total_frames == 8

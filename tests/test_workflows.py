@@ -71,6 +71,18 @@ def test_video_gets_the_original_audio_and_the_models_fps(name, defs):
 def test_workflows_are_where_the_template_browser_looks():
     folder = next(f for f in TEMPLATE_FOLDERS if (ROOT / f).is_dir())
     assert sorted(p.stem for p in (ROOT / folder).glob("*.json")) == sorted(WORKFLOWS)
+    for name in WORKFLOWS:  # the browser's thumbnail for each
+        assert (ROOT / folder / f"{name}.jpg").is_file(), name
+
+
+def test_readme_pictures_exist():
+    import re
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("<!-- SECTION:comfyui -->"):text.index("<!-- /SECTION:comfyui -->")]
+    pictures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", section)
+    assert len(pictures) >= 3  # the workflows and the output frames
+    for p in pictures:
+        assert (ROOT / p).is_file(), p
 
 
 def test_validator_catches_broken_workflows(defs):
@@ -204,3 +216,27 @@ def test_real_comfyui_host(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert json.loads((tmp_path / "report.json").read_text())["ok"]
+
+
+# -- packaging --------------------------------------------------------------------------------------------
+def test_registry_metadata_and_requirements_never_touch_torch():
+    import re
+    import tomllib
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project, comfy = meta["project"], meta["tool"]["comfy"]
+    # Comfy Registry rules for the node id and version
+    assert re.fullmatch(r"[A-Za-z](?:[A-Za-z0-9]|[-_.](?![-_.]))*", project["name"]) and len(project["name"]) < 100
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
+    assert project["urls"]["Repository"].startswith("https://")
+    assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["Icon"].startswith("https://")
+    assert "workflows" in comfy["includes"]
+    reqs = [l.split("#")[0].strip() for l in (ROOT / "requirements.txt").read_text().splitlines()]
+    for dep in [r for r in reqs if r] + project["dependencies"]:
+        assert not re.match(r"(torch|torchaudio|torchvision)\b", dep), dep
+
+
+def test_nodes_never_install_or_download_anything():
+    import re
+    for path in (ROOT / "nodes").glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"pip\b.*install|subprocess|urllib|requests|hf_hub|snapshot_download|torch\.hub", text), path
