@@ -1,0 +1,300 @@
+"""Quality metrics as pure functions over numpy arrays: lip-sync, identity retention, flicker.
+
+Conventions: frames are [T, H, W, 3] uint8 (or float in [0, 255]); video frame i owns the audio of
+[i / fps, (i + 1) / fps), as everywhere in rest_model; per-frame signals are float32 [T].
+
+Lip-sync works without a learned expert (none can be downloaded): the mouth's openness is read
+from the frames as the area of dark mouth interior in the mouth region, and compared with the
+openness the audio implies (`audio_mouth_shape`: speech-band loudness and a first-formant cue).
+The procedural generator (`rest_model.synth`) drives its mouths with that same audio function, so
+on its clips the metric is high at the true offset and drops away from it; on real speech the
+relation is physical (an open jaw radiates more energy and raises F1), just noisier.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# where the mouth lies in the frames of a prepared dataset (fractions of H and W): the face crop
+# and the generator both centre the face with the mouth a little below the middle; tall enough for
+# the head motion of natural speech and a fully open jaw, narrow enough to miss the nostrils and hair
+MOUTH_ROI = (0.53, 0.74, 0.33, 0.67)  # top, bottom, left, right
+# where identity is judged (face-region PSNR/SSIM): the face without hair fringe, shoulders or background
+FACE_BOX = (0.22, 0.78, 0.26, 0.74)
+ANALYSIS_RATE = 16000
+
+
+def _as_float_frames(frames) -> np.ndarray:
+    a = np.asarray(frames)
+    if a.ndim == 3:
+        a = a[None]
+    if a.ndim != 4 or a.shape[-1] != 3:
+        raise ValueError(f"frames must be [T, H, W, 3] (RGB, channels last), got {a.shape}")
+    return a.astype(np.float32, copy=False)
+
+
+def _box(shape, box):
+    h, w = shape
+    t, b, l, r = box
+    return slice(int(round(t * h)), max(int(round(b * h)), int(round(t * h)) + 1)), \
+        slice(int(round(l * w)), max(int(round(r * w)), int(round(l * w)) + 1))
+
+
+def _smooth(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Zero-phase Gaussian smoothing along the last axis (no lag: sync must not be biased)."""
+    if sigma <= 0:
+        return x
+    r = int(np.ceil(3 * sigma))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    pad = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(r, r)], mode="edge")
+    return np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), -1, pad)
+
+
+# ---------------------------------------------------------------------------------------------
+# audio -> mouth shape
+# ---------------------------------------------------------------------------------------------
+def _resample(wave: np.ndarray, sr: int, target: int) -> np.ndarray:
+    if sr == target:
+        return wave
+    import torch
+    import torchaudio
+    return torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(wave)), sr, target).numpy()
+
+
+def frame_spectra(wave, sr: int, fps: int, n_frames: int | None = None, window_s: float = 0.064):
+    """Power spectra of a Hann window centred on each video frame's own span -> ([T, F], freqs)."""
+    w = np.asarray(wave, dtype=np.float32)
+    if w.ndim == 2:
+        w = w.mean(0)
+    if w.ndim != 1 or w.size == 0:
+        raise ValueError(f"audio must be a non-empty [samples] or [channels, samples] array, got {w.shape}")
+    w = _resample(w, int(sr), ANALYSIS_RATE)
+    spf = ANALYSIS_RATE / fps
+    if n_frames is None:
+        n_frames = max(1, int(np.ceil(w.size / spf - 1e-6)))
+    win = int(window_s * ANALYSIS_RATE)
+    n_fft = 1 << (win - 1).bit_length()
+    centres = ((np.arange(n_frames) + 0.5) * spf).astype(np.int64)
+    idx = centres[:, None] + np.arange(win)[None] - win // 2
+    padded = np.pad(w, (win, win + int(n_frames * spf) + 1))  # silence outside the audio
+    seg = padded[idx + win] * np.hanning(win).astype(np.float32)
+    spec = np.abs(np.fft.rfft(seg, n_fft)) ** 2
+    return spec, np.fft.rfftfreq(n_fft, 1 / ANALYSIS_RATE)
+
+
+def _centroid(spec, freqs, lo, hi):
+    band = (freqs >= lo) & (freqs < hi)
+    p = spec[:, band]
+    return (p * freqs[band]).sum(1) / np.maximum(p.sum(1), 1e-12)
+
+
+def audio_mouth_shape(wave, sr: int, fps: int = 25, n_frames: int | None = None,
+                      dynamic_range_db: float = 36.0) -> tuple[np.ndarray, np.ndarray]:
+    """Openness and width in [0, 1] per video frame that a speaking mouth would show for this audio.
+
+    openness: speech-band (250-4000 Hz) loudness relative to the clip's loud level over
+    `dynamic_range_db`, times a first-formant cue (open vowels raise F1); silence closes the mouth.
+    width: second-formant cue (front vowels /i/, /e/ spread the lips, rounded /u/, /o/ narrow them),
+    0.5 = neutral, pulled to neutral when quiet. Invariant to the recording's gain.
+    """
+    spec, freqs = frame_spectra(wave, sr, fps, n_frames)
+    band = (freqs >= 250) & (freqs < 4000)
+    db = 10 * np.log10(spec[:, band].sum(1) + 1e-10)
+    loud = np.percentile(db, 95) if db.size > 1 else db.max()
+    env = np.clip((db - (loud - dynamic_range_db)) / dynamic_range_db, 0, 1) ** 1.6
+    f1 = np.clip((_centroid(spec, freqs, 200, 1000) - 350) / 450, 0, 1)
+    f2 = np.clip((_centroid(spec, freqs, 900, 3000) - 1300) / 1100, 0, 1)
+    openness = np.clip(env * (0.6 + 0.4 * f1), 0, 1)
+    width = 0.5 + (f2 - 0.5) * np.clip(2 * env, 0, 1)
+    openness, width = _smooth(np.stack([openness, width]), 0.7)
+    return openness.astype(np.float32), np.clip(width, 0, 1).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# frames -> mouth openness
+# ---------------------------------------------------------------------------------------------
+def mouth_openness(frames, roi=MOUTH_ROI) -> np.ndarray:
+    """Area of dark mouth interior in the mouth region per frame, as a fraction of the region.
+
+    "Dark" is relative to the region's own median brightness (the surrounding skin) in each frame, so
+    skin tone and lighting do not matter, with a soft threshold so that blurry generated mouths still
+    count. Dark areas that touch the region's edge continue outside it (hair, a beard, the shadow
+    under the chin) and are left out: the mouth's interior is enclosed by the lips. What remains
+    constant (a moustache, a mole) only adds an offset, which correlation ignores.
+    """
+    import cv2
+    a = _as_float_frames(frames)
+    ys, xs = _box(a.shape[1:3], roi)
+    reg = a[:, ys, xs]
+    lum = reg @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    ref = np.median(lum.reshape(len(lum), -1), axis=1)[:, None, None]
+    dark = np.clip((0.5 * ref - lum) / np.maximum(0.25 * ref, 1e-3), 0, 1)
+    out = np.empty(len(dark), np.float32)
+    for i, d in enumerate(dark):
+        _, lab = cv2.connectedComponents((d > 0.2).astype(np.uint8), connectivity=8)
+        edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+        keep = (lab > 0) & ~np.isin(lab, edge)
+        out[i] = (d * keep).mean()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# sync score and offset search
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class SyncResult:
+    score: float  # Pearson correlation at the best offset (1 = perfect, ~0 = unrelated)
+    offset: int  # frames the audio lags the video at the best fit (+: the sound comes late)
+    confidence: float  # best minus median correlation over the searched offsets (SyncNet-style)
+    at_zero: float  # correlation at offset 0
+    lags: np.ndarray
+    curve: np.ndarray
+
+    def as_dict(self) -> dict:
+        return dict(score=self.score, offset=self.offset, confidence=self.confidence, at_zero=self.at_zero)
+
+
+def _corr(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    d = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / d) if d > 1e-12 else 0.0
+
+
+def sync_curve(mouth, audio_open, max_offset: int = 15) -> tuple[np.ndarray, np.ndarray]:
+    """Correlation of mouth[i] with audio_open[i + lag] for lag in [-max_offset, max_offset]."""
+    m, a = np.asarray(mouth, np.float64), np.asarray(audio_open, np.float64)
+    n = min(m.size, a.size)
+    if n < 8:
+        raise ValueError(f"need at least 8 frames of mouth and audio to measure sync, got {n}")
+    m, a = m[:n], a[:n]
+    max_offset = min(max_offset, n // 2)
+    lags = np.arange(-max_offset, max_offset + 1)
+    curve = np.array([_corr(m[max(0, -l): n - max(0, l)], a[max(0, l): n - max(0, -l)]) for l in lags])
+    return lags, curve
+
+
+def sync_score(mouth, audio_open, max_offset: int = 15) -> SyncResult:
+    """How well the mouth follows the audio, and at which offset (search +-max_offset frames)."""
+    lags, curve = sync_curve(mouth, audio_open, max_offset)
+    best = int(np.argmax(curve))
+    return SyncResult(float(curve[best]), int(lags[best]), float(curve[best] - np.median(curve)),
+                      float(curve[lags == 0][0]), lags, curve)
+
+
+def lip_sync(frames, wave, sr: int, fps: int = 25, max_offset: int = 15) -> SyncResult:
+    """Sync of a talking-head clip with its speech track (frames [T, H, W, 3], wave [S] or [C, S])."""
+    a = _as_float_frames(frames)
+    audio_open, _ = audio_mouth_shape(wave, sr, fps, len(a))
+    return sync_score(mouth_openness(a), audio_open, max_offset)
+
+
+def shift_audio(wave, samples: int) -> np.ndarray:
+    """Delay (+) or advance (-) a waveform by a number of samples, keeping its length (silence fills)."""
+    w = np.asarray(wave, dtype=np.float32)
+    out = np.zeros_like(w)
+    if samples >= 0:
+        out[..., samples:] = w[..., : w.shape[-1] - samples]
+    else:
+        out[..., :samples] = w[..., -samples:]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# identity retention and temporal stability
+# ---------------------------------------------------------------------------------------------
+def psnr(a, b, box=None) -> float:
+    """PSNR (dB, peak 255) between two frames [H, W, 3], over `box` (fractions) or the whole frame."""
+    x, y = _as_float_frames(a)[0], _as_float_frames(b)[0]
+    if x.shape != y.shape:
+        raise ValueError(f"frames differ in shape: {x.shape} vs {y.shape}")
+    if box is not None:
+        ys, xs = _box(x.shape[:2], box)
+        x, y = x[ys, xs], y[ys, xs]
+    mse = float(((x - y) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def ssim(a, b, box=None) -> float:
+    """SSIM (Wang et al. 2004: Gaussian window sigma 1.5, K1 0.01, K2 0.03) on luminance."""
+    import cv2
+    x, y = _as_float_frames(a)[0], _as_float_frames(b)[0]
+    if x.shape != y.shape:
+        raise ValueError(f"frames differ in shape: {x.shape} vs {y.shape}")
+    if box is not None:
+        ys, xs = _box(x.shape[:2], box)
+        x, y = x[ys, xs], y[ys, xs]
+    w = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    x, y = (x @ w).astype(np.float64), (y @ w).astype(np.float64)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+
+    def blur(z):
+        return cv2.GaussianBlur(z, (11, 11), 1.5, borderType=cv2.BORDER_REFLECT)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    m = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(m.mean())
+
+
+def face_similarity(frames, reference, box=FACE_BOX) -> dict:
+    """Mean face-region PSNR and SSIM of frames [T, H, W, 3] to the reference portrait [H, W, 3]."""
+    a = _as_float_frames(frames)
+    r = _as_float_frames(reference)[0]
+    if a.shape[1:] != r.shape:
+        raise ValueError(f"frames {a.shape[1:]} and reference {r.shape} differ in size")
+    return dict(psnr=float(np.mean([psnr(f, r, box) for f in a])),
+                ssim=float(np.mean([ssim(f, r, box) for f in a])))
+
+
+def static_mask(frames, threshold: float = 2.0, erode: int = 2) -> np.ndarray:
+    """Pixels that do not move in a (ground-truth) clip: temporal std of luminance below `threshold`
+    (0-255 scale), eroded so that edges of moving parts are not counted -> bool [H, W]."""
+    import cv2
+    a = _as_float_frames(frames)
+    lum = a @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    m = (lum.std(0) < threshold).astype(np.uint8)
+    if erode > 0:
+        m = cv2.erode(m, np.ones((2 * erode + 1, 2 * erode + 1), np.uint8))
+    return m.astype(bool)
+
+
+def flicker(frames, mask=None) -> float:
+    """Mean absolute frame-to-frame change (0-255 scale) inside `mask` (static regions), i.e. how much
+    a region that should stand still shimmers. Lower is better; a still, clean video gives 0."""
+    a = _as_float_frames(frames)
+    if len(a) < 2:
+        raise ValueError("flicker needs at least 2 frames")
+    d = np.abs(np.diff(a, axis=0)).mean(-1)  # [T-1, H, W]
+    if mask is None:
+        return float(d.mean())
+    mask = np.asarray(mask, bool)
+    if mask.shape != d.shape[1:]:
+        raise ValueError(f"mask {mask.shape} does not match frames {d.shape[1:]}")
+    if not mask.any():
+        raise ValueError("static mask is empty: nothing in the clip stands still")
+    return float(d[:, mask].mean())
+
+
+class FlickerMeter:
+    """Running flicker over a stream of frame batches (a long stream never sits in memory)."""
+
+    def __init__(self, mask=None):
+        self.mask = None if mask is None else np.asarray(mask, bool)
+        self.last, self.total, self.count = None, 0.0, 0
+
+    def update(self, frames):
+        a = _as_float_frames(frames)
+        if self.last is not None:
+            a = np.concatenate([self.last[None], a])
+        if len(a) >= 2:
+            d = np.abs(np.diff(a, axis=0)).mean(-1)
+            d = d[:, self.mask] if self.mask is not None else d.reshape(len(d), -1)
+            self.total += float(d.sum())
+            self.count += d.size
+        self.last = a[-1]
+
+    @property
+    def value(self) -> float:
+        return self.total / self.count if self.count else float("nan")

@@ -1,0 +1,121 @@
+"""Metrics: the lip-sync score is real (high on ground truth, finds a known audio shift, low on
+mismatched audio), identity PSNR/SSIM and flicker behave as their definitions say."""
+import numpy as np
+import pytest
+
+from rest_model import metrics, synth
+
+FPS, SR = 25, synth.SAMPLE_RATE
+
+
+def render_clip(identity: int, clip: int, seconds: float = 4.0, size: int = 128):
+    """A synth clip in memory (no mp4): frames [T, H, W, 3], audio, ground-truth openness."""
+    ident = synth.make_identity(7, identity, "babble")
+    rng = np.random.default_rng([7, 2, clip])
+    n = int(seconds * FPS)
+    audio, _, _ = synth.clip_speech(rng, ident, seconds)
+    audio = audio[: n * (SR // FPS)]
+    mo, mw = metrics.audio_mouth_shape(audio, SR, FPS, n)
+    mot = synth.make_motion(rng, n, FPS, ident, mo)
+    bg = synth.background(ident, size * synth.SS)
+    frames = np.stack([synth.render_frame(ident, bg, size, mot, i, float(mo[i]), float(mw[i])) for i in range(n)])
+    return frames, audio, mo
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return [render_clip(i, i) for i in range(3)]
+
+
+def test_mouth_estimate_follows_ground_truth(clips):
+    for frames, _, mo in clips:
+        est = metrics.mouth_openness(frames)
+        assert est.shape == (len(frames),)
+        assert np.corrcoef(est, mo)[0, 1] > 0.8
+
+
+def test_sync_high_on_ground_truth(clips):
+    for frames, audio, _ in clips:
+        r = metrics.lip_sync(frames, audio, SR, FPS)
+        assert r.score > 0.7 and r.offset == 0 and r.confidence > 0.5, r.as_dict()
+
+
+@pytest.mark.parametrize("shift_s", [-0.5, -0.2, 0.2, 0.44])
+def test_sync_finds_known_audio_shift(clips, shift_s):
+    for frames, audio, _ in clips:
+        shifted = metrics.shift_audio(audio, int(round(shift_s * SR)))
+        r = metrics.lip_sync(frames, shifted, SR, FPS, max_offset=15)
+        assert abs(r.offset - shift_s * FPS) <= 1.0, (shift_s, r.as_dict())
+        assert r.at_zero < r.score - 0.3  # unshifted, the shifted audio fits badly
+
+
+def test_sync_low_on_mismatched_audio(clips):
+    for i, (frames, _, _) in enumerate(clips):
+        other = clips[(i + 1) % len(clips)][1]
+        true = metrics.lip_sync(frames, clips[i][1], SR, FPS)
+        wrong = metrics.lip_sync(frames, other, SR, FPS)
+        assert wrong.score < 0.5 and wrong.score < true.score - 0.35, (true.as_dict(), wrong.as_dict())
+
+
+def test_audio_mouth_shape_gain_invariant_and_closed_in_silence():
+    rng = np.random.default_rng(0)
+    audio = synth.babble(rng, 3.0, synth.BabbleVoice(120, 1.0, 4.5, 0.2, 0.9))
+    audio[: SR // 2] = 0  # half a second of silence
+    o1, w1 = metrics.audio_mouth_shape(audio, SR, FPS)
+    o2, _ = metrics.audio_mouth_shape(audio * 0.1, SR, FPS)
+    assert o1.shape == w1.shape == (75,)
+    np.testing.assert_allclose(o1, o2, atol=1e-3)
+    assert o1[:10].max() < 0.02 and o1.max() > 0.5
+    assert np.abs(w1[:10] - 0.5).max() < 0.02  # a closed mouth is neutral in width
+    # another sample rate gives the same per-frame shape
+    import torchaudio, torch
+    o3, _ = metrics.audio_mouth_shape(torchaudio.functional.resample(torch.from_numpy(audio), SR, 22050).numpy(), 22050, FPS, 75)
+    assert np.corrcoef(o1, o3)[0, 1] > 0.99
+
+
+def test_sync_rejects_too_short_and_bad_shapes():
+    with pytest.raises(ValueError, match="at least 8 frames"):
+        metrics.sync_score(np.zeros(5), np.zeros(5))
+    with pytest.raises(ValueError, match="channels last"):
+        metrics.mouth_openness(np.zeros((4, 3, 32, 32)))
+    with pytest.raises(ValueError, match="non-empty"):
+        metrics.audio_mouth_shape(np.zeros(0), SR)
+
+
+def test_psnr_ssim():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (64, 64, 3)).astype(np.uint8)
+    a = np.repeat(np.repeat(a[::8, ::8], 8, 0), 8, 1)  # blocky image: structure for SSIM
+    noisy = np.clip(a + rng.normal(0, 10, a.shape), 0, 255)
+    noisier = np.clip(a + rng.normal(0, 30, a.shape), 0, 255)
+    assert metrics.psnr(a, a) == float("inf") and metrics.ssim(a, a) == pytest.approx(1.0)
+    assert 25 < metrics.psnr(a, noisy) < 30  # 20 log10(255 / 10) = 28.1 dB
+    assert metrics.psnr(a, noisy) > metrics.psnr(a, noisier)
+    assert 1 > metrics.ssim(a, noisy) > metrics.ssim(a, noisier) > 0
+    # the face box ignores what happens outside it
+    b = a.copy()
+    b[:5] = 0
+    assert metrics.psnr(a, b, metrics.FACE_BOX) == float("inf")
+    sim = metrics.face_similarity(np.stack([noisy, noisier]), a)
+    assert sim["ssim"] < 1 and np.isfinite(sim["psnr"])
+    with pytest.raises(ValueError, match="differ"):
+        metrics.psnr(a, a[:32])
+
+
+def test_flicker_and_static_mask():
+    rng = np.random.default_rng(0)
+    still = np.repeat(rng.integers(0, 256, (1, 32, 32, 3)), 10, 0).astype(np.uint8)
+    moving = still.copy()
+    moving[:, 10:20, 10:20] = rng.integers(0, 256, (10, 10, 10, 3))  # a "talking" part
+    mask = metrics.static_mask(moving, erode=1)
+    assert not mask[10:20, 10:20].any() and mask[:5].all()
+    assert metrics.flicker(still) == 0.0 and metrics.flicker(moving, mask) == 0.0
+    shimmer = moving.astype(np.float32) + rng.normal(0, 3, moving.shape)
+    f = metrics.flicker(shimmer, mask)
+    assert 2 < f < 6  # E|N(0,3) - N(0,3)| = 3.4
+    meter = metrics.FlickerMeter(mask)
+    for k in range(0, 10, 3):
+        meter.update(shimmer[k:k + 3])
+    assert meter.value == pytest.approx(f, rel=1e-5)
+    with pytest.raises(ValueError, match="empty"):
+        metrics.flicker(moving, np.zeros((32, 32), bool))
