@@ -611,6 +611,14 @@ def render_frame(ident: Identity, bg: np.ndarray, size: int, mot: Motion, i: int
     return np.round(out).astype(np.uint8)
 
 
+def portrait(seed: int, index: int, size: int = 256, speech: str = "espeak") -> np.ndarray:
+    """A still, frontal, neutral portrait of identity `index` (mouth shut, eyes open) -> [size, size, 3] uint8."""
+    ident = make_identity(seed, index, speech)
+    z = np.zeros(1, np.float32)
+    still = Motion(z, z, z, z, z, z, np.zeros((1, 2), np.float32), z)
+    return render_frame(ident, background(ident, size * SS), size, still, 0, 0.0, 0.5)
+
+
 # ---------------------------------------------------------------------------------------------
 # clips
 # ---------------------------------------------------------------------------------------------
