@@ -1,0 +1,354 @@
+"""Quality report: `python -m rest_model eval --vae F --dit F [--dit F ...] --data DATASET`.
+
+For held-out identities and voices (the dataset's test split) it prints, side by side for every
+model and for the ground truth:
+
+- lip-sync: `metrics.lip_sync` between the generated mouth and the speech (score = correlation at
+  the best offset, the offset in frames, SyncNet-style confidence), on each test clip generated from
+  its first frame and its audio;
+- temporal stability: flicker (mean absolute frame-to-frame change, 0-255) inside the regions that
+  stand still in the ground-truth clip (background, shoulders);
+- identity retention over a long stream: the test clips' speech played back to back for --minutes
+  (default 10), streamed from one portrait; face-region PSNR/SSIM to the portrait over the first
+  second and over the last second, lip-sync over the last 10 s, and the generation speed.
+
+The teacher (--teacher, one of the --dit files) is sampled the non-streaming way (the whole clip in
+one bidirectional sequence, --teacher-steps Euler steps) and has no long-stream column: it cannot
+stream. Before the models, a metric check shows the lip-sync measure is real on the ground truth:
+high at the true alignment, the known offset recovered when the audio is shifted by -0.5..+0.5 s,
+low with another clip's audio.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from . import checkpoint, metrics
+from .audio import prepare_audio
+from .data import load_index
+from .dit import audio_windows
+from .sampler import flow_schedule, sample_clip
+from .streamer import AudioSource, stream
+
+SHIFTS_S = (-0.5, -0.25, -0.12, 0.12, 0.25, 0.5)
+LAST_SYNC_S = 10.0  # lip-sync after the long stream is measured over its last this many seconds
+
+
+@dataclass
+class TestClip:
+    name: str
+    identity: str
+    frames: np.ndarray  # uint8 [T, H, W, 3] at the model resolution
+    audio: np.ndarray  # float32 [T * spf] at the dataset rate
+    mask: np.ndarray  # bool [H, W]: static pixels of the ground truth
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str  # "ground truth" | "streaming" | "teacher (non-streaming)"
+    sync: list = field(default_factory=list)
+    offset: list = field(default_factory=list)
+    conf: list = field(default_factory=list)
+    flicker: list = field(default_factory=list)
+    long: dict = field(default_factory=dict)
+    fps: float = float("nan")
+
+    def summary(self) -> dict:
+        m = lambda v: float(np.mean(v)) if len(v) else float("nan")  # noqa: E731
+        return dict(name=self.name, kind=self.kind, sync=m(self.sync), abs_offset=m(np.abs(self.offset)),
+                    confidence=m(self.conf), flicker=m(self.flicker), gen_fps=self.fps, **self.long)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+def _to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """[n, 3, H, W] in [-1, 1] -> [n, H, W, 3] uint8."""
+    return ((frames.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _resize(frames: np.ndarray, size: int) -> np.ndarray:
+    if frames.shape[1] == size:
+        return frames
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
+def load_test_clips(root, resolution: int, split: str = "test", limit: int = 8) -> tuple[list[TestClip], dict]:
+    """Up to `limit` clips of the split, spread over its identities (round robin), deterministic."""
+    index = load_index(root)
+    chosen = [c for c in index["clips"] if split == "all" or c.get("split") == split]
+    if not chosen:
+        raise ValueError(f"{root} has no '{split}' clips (prepare holds out identities as 'test'; "
+                         f"pass --split all to use every clip)")
+    by_id: dict[str, list] = collections.OrderedDict()
+    for c in sorted(chosen, key=lambda c: (c["identity"], c["file"])):
+        by_id.setdefault(c["identity"], []).append(c)
+    order = []
+    for k in range(max(len(v) for v in by_id.values())):
+        order += [v[k] for v in by_id.values() if k < len(v)]
+    clips = []
+    for c in order[:limit]:
+        with safe_open(os.path.join(root, c["file"]), framework="pt") as f:
+            frames = _resize(f.get_tensor("video").numpy(), resolution)
+            audio = f.get_tensor("audio").numpy()
+        clips.append(TestClip(c["file"].rsplit(".", 1)[0], c["identity"], frames, audio, metrics.static_mask(frames)))
+    return clips, index
+
+
+# ---------------------------------------------------------------------------------------------
+# generation
+# ---------------------------------------------------------------------------------------------
+def portrait_of(clip: TestClip) -> torch.Tensor:
+    return torch.from_numpy(clip.frames[0]).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def _device_of(module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@torch.no_grad()
+def generate_streaming(vae, dit, portrait: torch.Tensor, wave: np.ndarray, sr: int, seed: int = 0) -> np.ndarray:
+    """The streamer, exactly as at inference -> uint8 [T, H, W, 3]."""
+    chunks = stream(vae, dit, portrait, AudioSource.whole(torch.from_numpy(wave), sr), dit.cfg.stream, seed=seed)
+    return np.concatenate([_to_uint8(c.frames) for c in chunks])
+
+
+def clip_windows(dit, wave: torch.Tensor, sr: int, n_latent: int) -> torch.Tensor:
+    """Audio windows of a whole clip's latent frames, built as the streamer builds them (audio before
+    the start and after the end is silence) -> (1, n_latent, W, A)."""
+    d, enc = dit.cfg, dit.audio_encoder
+    tc, a = d.temporal_compression, d.audio_context
+    tl = enc.timeline()
+    tl.push(prepare_audio(wave, sr, enc.sample_rate).to(_device_of(dit)))
+    tl.finish()
+    feats = enc.frames(tl, -a * tc, (n_latent + a) * tc)
+    return audio_windows(feats, d)
+
+
+@torch.no_grad()
+def generate_teacher(vae, dit, portrait: torch.Tensor, wave: np.ndarray, sr: int, steps: int = 16,
+                     seed: int = 0) -> np.ndarray:
+    """Non-streaming: the whole clip denoised in one bidirectional sequence -> uint8 [T, H, W, 3]."""
+    d = dit.cfg
+    p = next(dit.parameters())
+    n_frames = -(-len(wave) * d.fps // sr)
+    n_latent = -(-n_frames // d.temporal_compression)
+    ref = vae.encode_image(portrait[None].to(p.device, p.dtype))
+    windows = clip_windows(dit, torch.from_numpy(wave), sr, n_latent).to(p.dtype)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((1, d.latent_channels, n_latent, d.latent_size, d.latent_size), generator=g).to(p.device, p.dtype)
+    x0 = sample_clip(dit, ref, windows, noise, flow_schedule(steps, d.stream.shift, p.device))
+    video = vae.decode(x0)[0].transpose(0, 1)  # (T, 3, H, W)
+    return _to_uint8(video[:n_frames])
+
+
+@torch.no_grad()
+def long_stream(vae, dit, clips: list[TestClip], sr: int, minutes: float, seed: int = 0,
+                progress: bool = False) -> dict:
+    """Stream `minutes` of the test speech from the first clip's portrait; measure the first and last
+    second against the portrait, flicker throughout, lip-sync over the last seconds. Frames are
+    consumed as they come: memory stays flat however long the stream."""
+    fps = dit.cfg.fps
+    need = int(minutes * 60 * sr)
+    pieces, total = [], 0
+    while total < need:
+        for c in clips:
+            pieces.append(c.audio[: need - total])
+            total += pieces[-1].size
+            if total >= need:
+                break
+    wave = np.concatenate(pieces)
+    ref_clip = clips[0]
+    portrait = portrait_of(ref_clip)
+    ref_u8 = ref_clip.frames[0]
+    keep = max(1, fps)  # one second
+    tail = collections.deque(maxlen=max(int(LAST_SYNC_S * fps), keep))
+    head: list[np.ndarray] = []
+    meter = metrics.FlickerMeter(ref_clip.mask)
+    n, t0 = 0, time.perf_counter()
+    n_total = -(-wave.size * fps // sr)
+    for chunk in stream(vae, dit, portrait, AudioSource.whole(torch.from_numpy(wave), sr), dit.cfg.stream, seed=seed):
+        frames = _to_uint8(chunk.frames)
+        meter.update(frames)
+        for f in frames:
+            if len(head) < keep:
+                head.append(f)
+            tail.append(f)
+        n += len(frames)
+        if progress:
+            print(f"\r  long stream: {n / fps / 60:.2f}/{minutes:g} min ({n / (time.perf_counter() - t0):.1f} fps)",
+                  end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    dt = time.perf_counter() - t0
+    start = metrics.face_similarity(np.stack(head), ref_u8)
+    last = np.stack(list(tail))
+    end = metrics.face_similarity(last[-keep:], ref_u8)
+    spf = sr // fps
+    a0 = (n - len(last)) * spf
+    sync_end = metrics.lip_sync(last, wave[a0:a0 + len(last) * spf], sr, fps) if len(last) >= 16 else None
+    return {"id_psnr_start": start["psnr"], "id_ssim_start": start["ssim"], "id_psnr_end": end["psnr"],
+            "id_ssim_end": end["ssim"], "sync_end": sync_end.score if sync_end else float("nan"),
+            "long_flicker": meter.value, "long_minutes": n / fps / 60, "long_fps": n / dt,
+            "long_frames": n, "expected_frames": int(n_total)}
+
+
+# ---------------------------------------------------------------------------------------------
+# metric check and the report
+# ---------------------------------------------------------------------------------------------
+def metric_check(clips: list[TestClip], sr: int, fps: int, max_offset: int) -> dict:
+    """Lip-sync on the ground truth: aligned, shifted by known amounts, and with another clip's audio."""
+    aligned, errors, found, mismatched = [], [], {}, []
+    for i, c in enumerate(clips):
+        aligned.append(metrics.lip_sync(c.frames, c.audio, sr, fps, max_offset).score)
+        for s in SHIFTS_S:
+            r = metrics.lip_sync(c.frames, metrics.shift_audio(c.audio, int(round(s * sr))), sr, fps, max_offset)
+            errors.append(abs(r.offset - s * fps))
+            found.setdefault(s, []).append(r.offset)
+        if len(clips) > 1:
+            other = clips[(i + 1) % len(clips)].audio
+            other = np.pad(other, (0, max(0, c.audio.size - other.size)))[: c.audio.size]
+            mismatched.append(metrics.lip_sync(c.frames, other, sr, fps, max_offset).score)
+    return dict(gt_sync=float(np.mean(aligned)), gt_sync_min=float(np.min(aligned)),
+                shift_found={f"{s:+.2f}s={s * fps:+.1f}f": float(np.median(v)) for s, v in found.items()},
+                shift_mean_abs_error_frames=float(np.mean(errors)),
+                shift_within_1_frame=float(np.mean(np.asarray(errors) <= 1.0)),
+                mismatched_sync=float(np.mean(mismatched)) if mismatched else float("nan"))
+
+
+def _fmt(v, spec=".3f"):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def format_report(check: dict, rows: list[dict], minutes: float) -> str:
+    lines = ["metric check on ground-truth test clips:",
+             f"  lip-sync at true alignment {check['gt_sync']:.3f} (min {check['gt_sync_min']:.3f}); "
+             f"with another clip's audio {_fmt(check['mismatched_sync'])}",
+             "  audio shifted by: " + ", ".join(f"{k} -> found {v:+.0f}f" for k, v in check["shift_found"].items()),
+             f"  offset error {check['shift_mean_abs_error_frames']:.2f} frames on average, "
+             f"{100 * check['shift_within_1_frame']:.0f}% within one frame", ""]
+    head = (f"{'model':<28} {'kind':<24} {'sync':>6} {'|off|':>5} {'conf':>6} {'flicker':>7} "
+            f"{'PSNR@0':>7} {'SSIM@0':>6} {'PSNR@end':>8} {'SSIM@end':>8} {'sync@end':>8} {'fps':>6}")
+    lines += [f"side by side (clip metrics on {rows[0].get('clips', '?')} held-out clips; "
+              f"@end = after {minutes:g} min of streaming):", head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['name'][:28]:<28} {r['kind'][:24]:<24} {_fmt(r['sync']):>6} {_fmt(r['abs_offset'], '.1f'):>5} "
+                     f"{_fmt(r['confidence']):>6} {_fmt(r['flicker'], '.2f'):>7} {_fmt(r.get('id_psnr_start'), '.2f'):>7} "
+                     f"{_fmt(r.get('id_ssim_start')):>6} {_fmt(r.get('id_psnr_end'), '.2f'):>8} "
+                     f"{_fmt(r.get('id_ssim_end')):>8} {_fmt(r.get('sync_end')):>8} {_fmt(r.get('gen_fps'), '.1f'):>6}")
+    lines += ["", "sync: correlation of mouth opening with the speech at the best offset (1 = perfect); |off|: that "
+              "offset in frames; conf: best minus median over offsets; flicker: mean |frame-to-frame change| (0-255) "
+              "in regions static in the ground truth; PSNR/SSIM: face region vs the portrait over the first / last "
+              "second of the long stream; fps: generation speed of the long stream."]
+    return "\n".join(lines)
+
+
+def evaluate(vae_path: str, dit_paths: list[str], data: str, teacher: str | None = None, minutes: float = 10.0,
+             n_clips: int = 8, split: str = "test", teacher_steps: int = 16, max_offset: int = 15, seed: int = 0,
+             device: str = "cpu", progress: bool = False) -> dict:
+    if not dit_paths:
+        raise ValueError("give at least one --dit")
+    if minutes < 0:
+        raise ValueError(f"--minutes must be >= 0, got {minutes}")
+    if teacher is not None:
+        match = [p for p in dit_paths if p == teacher or Path(p).name == teacher or Path(p).stem == teacher]
+        if not match:
+            dit_paths = [teacher, *dit_paths]
+        teacher = match[0] if match else teacher
+    vae = checkpoint.load_vae(vae_path, device)
+    first_dit = checkpoint.load_dit(dit_paths[0], device)
+    res, fps = first_dit.cfg.resolution, first_dit.cfg.fps
+    index = load_index(data)
+    if index["fps"] != fps:
+        raise ValueError(f"{data} is at {index['fps']} fps but the models run at {fps} fps; prepare it with their preset")
+    clips, index = load_test_clips(data, res, split, n_clips)
+    sr = index["sample_rate"]
+    check = metric_check(clips, sr, fps, max_offset)
+    gt = Row("ground truth", "ground truth")
+    for c in clips:
+        r = metrics.lip_sync(c.frames, c.audio, sr, fps, max_offset)
+        gt.sync.append(r.score), gt.offset.append(r.offset), gt.conf.append(r.confidence)
+        gt.flicker.append(metrics.flicker(c.frames, c.mask))
+    sim = metrics.face_similarity(clips[0].frames[1:fps + 1], clips[0].frames[0])
+    gt.long = {"id_psnr_start": sim["psnr"], "id_ssim_start": sim["ssim"]}
+    rows = [gt.summary()]
+    for path in dit_paths:
+        dit = first_dit if path == dit_paths[0] else checkpoint.load_dit(path, device)
+        try:
+            checkpoint.check_compatible(vae.cfg, dit.cfg)
+        except ValueError as e:
+            raise checkpoint.CheckpointError(f"{path} does not fit {vae_path}: {e}") from None
+        if dit.cfg.resolution != res or dit.cfg.fps != fps:
+            raise ValueError(f"{path} runs at {dit.cfg.resolution}px {dit.cfg.fps} fps, {dit_paths[0]} at "
+                             f"{res}px {fps} fps: compare models of one preset")
+        is_teacher = teacher is not None and path == teacher
+        row = Row(Path(path).stem, "teacher (non-streaming)" if is_teacher else "streaming")
+        t0, frames_made = time.perf_counter(), 0
+        for i, c in enumerate(clips):
+            if progress:
+                print(f"\r{row.name}: clip {i + 1}/{len(clips)}", end="", file=sys.stderr, flush=True)
+            portrait = portrait_of(c)
+            gen = (generate_teacher(vae, dit, portrait, c.audio, sr, teacher_steps, seed) if is_teacher
+                   else generate_streaming(vae, dit, portrait, c.audio, sr, seed))
+            gen = gen[: len(c.frames)]
+            frames_made += len(gen)
+            r = metrics.lip_sync(gen, c.audio[: len(gen) * (sr // fps)], sr, fps, max_offset)
+            row.sync.append(r.score), row.offset.append(r.offset), row.conf.append(r.confidence)
+            row.flicker.append(metrics.flicker(gen, c.mask))
+        row.fps = frames_made / (time.perf_counter() - t0)
+        if progress:
+            print(file=sys.stderr)
+        if not is_teacher and minutes > 0:
+            row.long = long_stream(vae, dit, clips, sr, minutes, seed, progress)
+            row.fps = row.long["long_fps"]
+        rows.append(row.summary())
+    for r in rows:
+        r["clips"] = len(clips)
+    return dict(metric_check=check, models=rows, minutes=minutes, clips=[c.name for c in clips],
+                identities=sorted({c.identity for c in clips}), split=split, data=str(data))
+
+
+def cmd_eval(args) -> int:
+    torch.manual_seed(args.seed)
+    report = evaluate(args.vae, args.dit, args.data, args.teacher, args.minutes, args.clips, args.split,
+                      args.teacher_steps, args.max_offset, args.seed, args.device, progress=True)
+    print(f"held-out {report['split']} clips: {len(report['clips'])} from identities {', '.join(report['identities'])}")
+    print(format_report(report["metric_check"], report["models"], report["minutes"]))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="quality report: lip-sync, identity retention, flicker; models side by side")
+    p.add_argument("--vae", required=True, help="VAE .safetensors shared by the models")
+    p.add_argument("--dit", action="append", required=True, help="DiT .safetensors; repeat to compare models")
+    p.add_argument("--teacher", help="which --dit is the bidirectional teacher (sampled non-streaming)")
+    p.add_argument("--data", required=True, help="prepared dataset (python -m rest_model prepare)")
+    p.add_argument("--split", default="test", choices=("test", "train", "all"),
+                   help="clips to evaluate on (default: the held-out identities and voices)")
+    p.add_argument("--clips", type=int, default=8, help="test clips, spread over identities (default 8)")
+    p.add_argument("--minutes", type=float, default=10.0, help="length of the long stream (default 10; 0 = skip)")
+    p.add_argument("--teacher-steps", type=int, default=16, help="Euler steps for the teacher (default 16)")
+    p.add_argument("--max-offset", type=int, default=15, help="lip-sync offset search, +- frames (default 15)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write every number to this JSON file")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(fn=cmd_eval)
