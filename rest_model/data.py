@@ -101,30 +101,54 @@ class YuNetDetector(FaceDetector):
 
 
 class SkinDetector(FaceDetector):
-    """Crude fallback when no trained detector is installed: the largest compact skin-coloured
-    blob (YCrCb skin range of Chai & Ngan 1999) that stays clear of the left, right and top edges
-    (a wall or a table of skin colour touches them; a face in a talking-head shot does not). Its box
-    is cut to a face's proportions, since the neck joins the blob from below."""
+    """Crude fallback when no trained detector is installed: the largest compact skin-coloured blob
+    (YCrCb skin range of Chai & Ngan 1999) clear of the left, right and top edges. Colours seen on
+    the frame's border are taken for background and removed first (a wall of skin colour), and a blob
+    that runs down the neck into skin-coloured clothes is cut where the shoulders widen it."""
     name = "skin"
 
     def __call__(self, rgb):
         h, w = rgb.shape[:2]
         ycc = cv2.cvtColor(rgb, cv2.COLOR_RGB2YCrCb)
         mask = cv2.inRange(ycc, (30, 133, 77), (255, 173, 127))
+        b = max(2, min(h, w) // 25)
+        ring = np.concatenate([ycc[:b].reshape(-1, 3), ycc[:, :b].reshape(-1, 3), ycc[:, -b:].reshape(-1, 3)])
+        ring = ring[np.random.default_rng(0).choice(len(ring), min(96, len(ring)), replace=False)]
+        chroma = ycc[..., 1:].reshape(-1, 1, 2).astype(np.int16)
+        near_bg = np.abs(chroma - ring[None, :, 1:].astype(np.int16)).sum(-1).min(1) < 6
+        mask[near_bg.reshape(h, w)] = 0
         k = max(3, min(h, w) // 40) | 1
         mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((k, k), np.uint8))
         mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((2 * k + 1, 2 * k + 1), np.uint8))
         n, lab, stats, _ = cv2.connectedComponentsWithStats(mask)
         out = []
         for i in range(1, n):
-            x, y, bw, bh, area = map(float, stats[i])
-            if area < 0.02 * h * w or area > 0.6 * h * w or x <= 0 or y <= 0 or x + bw >= w:
+            x, y, bw, bh, area = map(int, stats[i])
+            if area < 0.02 * h * w or y <= 0:
                 continue
-            fh = min(bh, 1.3 * bw)
-            fill = (lab[int(y):int(y + fh), int(x):int(x + bw)] == i).mean()
-            if fill < 0.5 or not 0.5 < fh / bw < 2.0:
-                continue
-            out.append((x, y, bw, fh))
+            comp = lab[y:y + bh, x:x + bw] == i
+            peak, low, cut = 0, None, bh
+            for r, wd in enumerate(comp.sum(1)):  # widest at the cheeks, narrow at the neck, wide again below
+                if low is None:
+                    peak = max(peak, wd)
+                    low = wd if wd < 0.8 * peak else None
+                else:
+                    low = min(low, wd)
+                    if wd > 1.5 * low and wd > 0.9 * peak:
+                        cut = r
+                        break
+            for rows in ((bh, cut) if cut < bh else (bh,)):
+                part = comp[:rows]
+                cols = np.flatnonzero(part.any(0))
+                x0, x1 = x + cols[0], x + cols[-1] + 1
+                fw = x1 - x0
+                fh = min(rows, int(1.3 * fw))  # a face's proportions: the neck joins from below
+                if x0 <= 0 or x1 >= w or not 0.02 * h * w <= fw * fh <= 0.6 * h * w:
+                    continue
+                if part[:fh, cols[0]:cols[-1] + 1].mean() < 0.5 or not 0.5 < fh / fw < 2.0:
+                    continue
+                out.append((float(x0), float(y), float(fw), float(fh)))
+                break
         return sorted(out, key=lambda b: -b[2] * b[3])
 
 
@@ -649,8 +673,8 @@ class ClipDataset(Dataset):
                 audio_full = f.get_slice("audio")[a0:a1]
                 extras = {k: f.get_slice(k)[start:start + n] for k in ("mouth_open", "mouth_width", "head_pose")
                           if k in keys}
-        out["video"] = video.permute(3, 0, 1, 2).float() / 127.5 - 1
-        out["ref"] = ref[0].permute(2, 0, 1).float() / 127.5 - 1
+        out["video"] = video.permute(3, 0, 1, 2).float().mul_(1 / 127.5).sub_(1)
+        out["ref"] = ref[0].permute(2, 0, 1).float().mul_(1 / 127.5).sub_(1)
         lo = (start - max(0, start - m)) * spf
         out["audio"] = audio_full[lo:lo + n * spf].float()
         if m:

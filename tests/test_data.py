@@ -190,13 +190,16 @@ def test_clip_dataset_rejects_short_and_missing(dataset, tmp_path):
     assert [c["identity"] for c in ds.clips] == ["alice"] and ds[0]["video"].shape[1] == 45
 
 
-def test_skin_detector_finds_a_centred_face_and_not_a_wall():
-    ident = synth.make_identity(0, 1, "babble")
-    mot = synth.make_motion(np.random.default_rng(0), 1, 25, ident, np.zeros(1, np.float32))
-    frame = synth.render_frame(ident, synth.background(ident, 256), 128, mot, 0, 0.0, 0.5)
-    boxes = SkinDetector()(frame)
-    assert boxes
-    x, y, w, h = boxes[0]
-    assert abs(x + w / 2 - 64) < 12 and 20 < w < 100
+def test_skin_detector_finds_centred_faces_and_not_walls():
+    found = 0
+    for i in range(30):
+        ident = synth.make_identity(0, i, "babble")
+        mot = synth.make_motion(np.random.default_rng(i), 1, 25, ident, np.zeros(1, np.float32))
+        boxes = SkinDetector()(synth.render_frame(ident, synth.background(ident, 256), 128, mot, 0, 0.0, 0.5))
+        if boxes:
+            x, y, w, h = boxes[0]
+            found += abs(x + w / 2 - 64) < 15 and 30 < w < 100 and y < 64
+    assert found >= 22  # a fallback, not a trained detector: most faces, despite skin-coloured walls and clothes
     wall = np.full((128, 128, 3), (220, 170, 140), np.uint8)  # skin-coloured, fills the frame
     assert SkinDetector()(wall) == []
+    assert SkinDetector()(np.zeros((64, 64, 3), np.uint8)) == []
