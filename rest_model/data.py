@@ -478,8 +478,12 @@ def prepare(videos: str, out: str, preset_name: str, crop: str = "auto", face_mo
     if face_model:
         YuNetDetector(face_model)  # fail now, not once per clip
     dst.mkdir(parents=True, exist_ok=True)
-    for old in dst.glob("*.safetensors"):  # a re-run must not leave clips of an earlier run behind
-        old.unlink()
+    if (dst / "index.json").is_file():  # a re-run must not leave clips of the earlier run behind
+        try:
+            for c in load_index(dst)["clips"]:
+                (dst / c["file"]).unlink(missing_ok=True)
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            log.warning("%s: earlier index unreadable (%s); its clip files are left in place", dst, e)
     d = p.dit
     opt = Options(fps=d.fps, resolution=d.resolution, sample_rate=d.fps * d.audio.samples_per_frame, crop=crop,
                   face_model=face_model, face_scale=face_scale, min_seconds=min_seconds, max_seconds=max_seconds)

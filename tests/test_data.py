@@ -121,6 +121,11 @@ def test_prepare_resamples_fps_and_keeps_timing(tmp_path):
     flash = int(video.mean((1, 2, 3)).argmax())
     energy = wave[: c["frames"] * SPF].reshape(-1, SPF).pow(2).sum(1)
     assert flash == 25 and int(energy.argmax()) == 25
+    # a re-run replaces the clips of the earlier run and nothing else in the folder
+    (tmp_path / "d" / "mine.safetensors").write_bytes(b"x")
+    (tmp_path / "v" / "cam.mp4").rename(tmp_path / "v" / "cam2.mp4")
+    prepare(str(tmp_path / "v"), str(tmp_path / "d"), "tiny", crop="center", jobs=1)
+    assert sorted(p.name for p in (tmp_path / "d").glob("*.safetensors")) == ["cam2.safetensors", "mine.safetensors"]
 
 
 def test_prepare_bad_input(tmp_path, capsys):
