@@ -11,4 +11,5 @@ if ! .venv/bin/python -c "import torch, torchaudio" 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check torch==2.9.1
   .venv/bin/pip install -q --disable-pip-version-check torch==2.9.1 'torchaudio==2.9.*'
 fi
-.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt pytest
+# OpenCV draws the procedural faces and finds faces in `prepare`: training and tests need it, the nodes do not
+.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt opencv-python-headless pytest
