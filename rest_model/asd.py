@@ -1,0 +1,100 @@
+"""Stage 4: Asynchronous Streaming Distillation (REST).
+
+The student generates a clip chunk by chunk exactly as at inference (2 Euler steps per chunk, its own
+outputs committed to the ID-Context Cache, gradients through the last step only). For each chunk j the
+bidirectional teacher sees the sequence under an *asynchronous* noise schedule:
+
+    chunks i < j : the student's own outputs, lightly re-noised to t_ctx   (earlier = cleaner)
+    chunk  j     : the student's output re-noised to t_j ~ U(t_min, t_max)
+    chunks i > j : absent
+
+and its denoised estimate of chunk j, x_0^T = x_t - t_j v_T, is the target:
+
+    L_ASD = sum_j || x^S_j - stopgrad(x_0^T_j) ||^2
+
+Because the context is the student's own, the teacher shows it how to correct the drift it creates:
+that is what stops error accumulation over long streams. A teacher-forced flow-matching term on real
+clips (weight `real_weight`) keeps the student anchored to data.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import checkpoint
+from .init_student import student_rollout, teacher_forced_fm
+from .sampler import flow_schedule
+from .train_teacher import clip_frames, encode_batch
+from .training import (add_common_args, audio_margin, clip_audio_windows, export_model, load_clips, loop_config,
+                       sample_batch, train_loop)
+
+
+def asynchronous_times(n_frames: int, chunk: int, j: int, t_ctx: float, t_j: torch.Tensor) -> torch.Tensor:
+    """Per-frame teacher times [B, (j + 1) * chunk]: t_ctx for chunks before j, t_j for chunk j."""
+    b = t_j.shape[0]
+    ctx = torch.full((b, j * chunk), t_ctx)
+    return torch.cat([ctx, t_j[:, None].expand(b, min(chunk, n_frames - j * chunk))], 1)
+
+
+def asd_targets(teacher, student_out, ref, windows, g, t_ctx: float, t_min: float, t_max: float) -> torch.Tensor:
+    """The teacher's denoised estimate of every chunk under its asynchronous schedule (no gradient)."""
+    k = teacher.cfg.stream.chunk_frames
+    b, n = student_out.shape[0], student_out.shape[2]
+    targets = []
+    with torch.no_grad():
+        for j in range(0, -(-n // k)):
+            end = min(n, (j + 1) * k)
+            t_j = t_min + (t_max - t_min) * torch.rand(b, generator=g)
+            t = asynchronous_times(n, k, j, t_ctx, t_j).to(student_out)
+            x = student_out[:, :, :end]
+            e = torch.randn(x.shape, generator=g).to(x)
+            tt = t[:, None, :, None, None]
+            xt = (1 - tt) * x + tt * e
+            v = teacher(xt, t, windows[:, :end], ref)
+            targets.append((xt - tt * v)[:, :, j * k:end])
+    return torch.cat(targets, 2)
+
+
+def asd_loss(student, teacher, vae, batch, margin, g, t_ctx: float = 0.1, t_min: float = 0.2,
+             t_max: float = 0.7, real_weight: float = 0.25) -> tuple[torch.Tensor, dict]:
+    device = next(student.parameters()).device
+    x0, ref = encode_batch(vae, batch, device)
+    n = x0.shape[2]
+    ws = clip_audio_windows(student, batch["audio"].to(device), margin, n)
+    with torch.no_grad():
+        wt = clip_audio_windows(teacher, batch["audio"].to(device), margin, n)
+    s = student.cfg.stream
+    e = torch.randn(x0.shape, generator=g).to(x0)
+    out = student_rollout(student, ref, ws, e, flow_schedule(s.steps, s.shift), grad_steps=1)
+    target = asd_targets(teacher, out.detach(), ref, wt, g, t_ctx, t_min, t_max)
+    asd = (out - target).pow(2).mean()
+    real = teacher_forced_fm(student, x0, ref, ws, g)
+    return asd + real_weight * real, {"asd": float(asd), "fm": float(real)}
+
+
+def cmd_distill(args) -> int:
+    vae = checkpoint.load_vae(args.vae, args.device)
+    teacher = checkpoint.load_dit(args.teacher, args.device)
+    student = checkpoint.load_dit(args.student, args.device).requires_grad_(True)
+    clips, _ = load_clips(args.data)
+    margin, frames = audio_margin(student.cfg), clip_frames(student.cfg, args.chunks)
+    spf = student.cfg.audio.samples_per_frame
+
+    def step(i, g):
+        batch = sample_batch(clips, args.batch, frames, margin, spf, g)
+        return asd_loss(student, teacher, vae, batch, margin, g, args.t_ctx, args.t_min, args.t_max, args.real_weight)
+
+    train_loop("asd", {"dit": student}, step, args.out, loop_config(args),
+               lambda: export_model(student, os.path.join(args.out, "student_asd.safetensors")))
+    return 0
+
+
+def register(sub):
+    p = sub.add_parser("distill", help="stage 4: Asynchronous Streaming Distillation of the 2-step student")
+    add_common_args(p, needs=("vae", "teacher", "student"))
+    p.add_argument("--t-ctx", type=float, default=0.1, help="re-noise level of the student's own context")
+    p.add_argument("--t-min", type=float, default=0.2)
+    p.add_argument("--t-max", type=float, default=0.7)
+    p.add_argument("--real-weight", type=float, default=0.25, help="teacher-forced flow matching on real clips")
+    p.set_defaults(fn=cmd_distill)

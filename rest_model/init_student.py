@@ -1,0 +1,114 @@
+"""Stage 3: the causal student, initialised from the teacher's weights (CausVid's ODE initialisation).
+
+The student always runs through the same streaming path as inference (`CausalDiT.chunk` over an
+ID-Context Cache), so what it is trained on is exactly what it will do. Two terms:
+- ODE regression: the teacher solves the whole clip's flow ODE from noise e in many steps (x_0^T); the
+  2-step student, with the teacher's earlier chunks as clean context, must land on x_0^T chunk by chunk
+  from the same noise:   || student_2step(e_j | x_0^T_<j) - x_0^T_j ||^2
+- flow matching with clean real context (teacher forcing): chunk j noised, chunks < j clean in the cache.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import checkpoint
+from .dit import CausalDiT
+from .id_context_cache import IDContextCache
+from .sampler import flow_schedule, sample_clip, sample_euler
+from .train_teacher import clip_frames, encode_batch
+from .training import (add_common_args, audio_margin, clip_audio_windows, drop_audio, export_model, load_clips,
+                       loop_config, sample_batch, train_loop)
+
+
+def _cache(dit: CausalDiT, ref: torch.Tensor) -> IDContextCache:
+    return IDContextCache(dit.id_sink(ref), dit.cfg.stream.context_frames, dit.cfg.tokens_per_frame)
+
+
+def _commit(dit, cache, latent, audio):
+    b, k = latent.shape[0], latent.shape[2]
+    cache.append(dit.chunk(latent, torch.zeros(b, k, device=latent.device), audio, cache)[1], k)
+
+
+def student_rollout(dit: CausalDiT, ref, windows, noise, times, context: torch.Tensor | None = None,
+                    grad_steps: int = 1) -> torch.Tensor:
+    """Generate a clip chunk by chunk as the streamer does; gradients flow through the last `grad_steps`
+    Euler steps of each chunk. The cache receives the student's own outputs (detached), or `context`
+    (e.g. the teacher's solution) when given. Returns x_0 [B, Cz, n, h, w]."""
+    k, b = dit.cfg.stream.chunk_frames, noise.shape[0]
+    cache, outs = _cache(dit, ref), []
+    split = len(times) - 1 - grad_steps
+    for j in range(0, noise.shape[2], k):
+        a = windows[:, j:j + k]
+
+        def velocity(x, t, a=a):
+            return dit.chunk(x, t.expand(b, x.shape[2]), a, cache)[0]
+
+        with torch.no_grad():
+            x = sample_euler(velocity, noise[:, :, j:j + k], times[: split + 1])
+        x = sample_euler(velocity, x, times[split:])
+        outs.append(x)
+        with torch.no_grad():
+            _commit(dit, cache, (context[:, :, j:j + k] if context is not None else x).detach(), a)
+    return torch.cat(outs, 2)
+
+
+def teacher_forced_fm(dit: CausalDiT, x0, ref, windows, g) -> torch.Tensor:
+    """Flow matching of each chunk with the real earlier chunks, clean, in the cache."""
+    k, b = dit.cfg.stream.chunk_frames, x0.shape[0]
+    cache, loss = _cache(dit, ref), 0.0
+    n_chunks = -(-x0.shape[2] // k)
+    for j in range(0, x0.shape[2], k):
+        x, a = x0[:, :, j:j + k], windows[:, j:j + k]
+        t = torch.sigmoid(torch.randn(b, 1, generator=g)).expand(b, x.shape[2]).to(x)
+        e = torch.randn(x.shape, generator=g).to(x)
+        tt = t[:, None, :, None, None]
+        v = dit.chunk((1 - tt) * x + tt * e, t, a, cache)[0]
+        loss = loss + (v - (e - x)).pow(2).mean() / n_chunks
+        with torch.no_grad():
+            _commit(dit, cache, x, a)
+    return loss
+
+
+def init_student_loss(student, teacher, vae, batch, margin, g, teacher_steps: int = 8,
+                      fm_weight: float = 0.5, audio_drop: float = 0.1) -> tuple[torch.Tensor, dict]:
+    device = next(student.parameters()).device
+    x0, ref = encode_batch(vae, batch, device)
+    n = x0.shape[2]
+    ws = drop_audio(student, clip_audio_windows(student, batch["audio"].to(device), margin, n), audio_drop, g)
+    e = torch.randn(x0.shape, generator=g).to(x0)
+    with torch.no_grad():
+        wt = clip_audio_windows(teacher, batch["audio"].to(device), margin, n)
+        dropped = (ws == student.audio_encoder.null).all(-1).all(-1).all(-1)  # the same clips go silent
+        wt = torch.where(dropped[:, None, None, None], teacher.audio_encoder.null.expand_as(wt), wt)
+        target = sample_clip(teacher, ref, wt, e, flow_schedule(teacher_steps))
+    s = student.cfg.stream
+    pred = student_rollout(student, ref, ws, e, flow_schedule(s.steps, s.shift), context=target, grad_steps=s.steps)
+    ode = (pred - target).pow(2).mean()
+    fm = teacher_forced_fm(student, x0, ref, ws, g)
+    return ode + fm_weight * fm, {"ode": float(ode), "fm": float(fm)}
+
+
+def cmd_init_student(args) -> int:
+    vae = checkpoint.load_vae(args.vae, args.device)
+    teacher = checkpoint.load_dit(args.teacher, args.device)
+    student = checkpoint.load_dit(args.teacher, args.device).requires_grad_(True)  # same weights to start
+    clips, _ = load_clips(args.data)
+    margin, frames = audio_margin(student.cfg), clip_frames(student.cfg, args.chunks)
+    spf = student.cfg.audio.samples_per_frame
+
+    def step(i, g):
+        batch = sample_batch(clips, args.batch, frames, margin, spf, g)
+        return init_student_loss(student, teacher, vae, batch, margin, g, args.teacher_steps)
+
+    train_loop("student", {"dit": student}, step, args.out, loop_config(args),
+               lambda: export_model(student, os.path.join(args.out, "student_init.safetensors")))
+    return 0
+
+
+def register(sub):
+    p = sub.add_parser("init-student", help="stage 3: causal 2-step student from the teacher (ODE regression)")
+    add_common_args(p, needs=("vae", "teacher"))
+    p.add_argument("--teacher-steps", type=int, default=8, help="Euler steps of the teacher's ODE solve")
+    p.set_defaults(fn=cmd_init_student)

@@ -1,0 +1,72 @@
+"""Stage 2: the bidirectional teacher. Flow matching on whole clips conditioned on the ID-Sink (a reference
+frame of the same clip) and windowed audio:
+
+    loss = || v_theta(x_t, t, ref, a) - (e - x_0) ||^2,   x_t = (1 - t) x_0 + t e
+
+with t drawn per chunk half of the time (diffusion forcing), so the teacher is accurate on the
+asynchronous schedules it must serve in ASD, and audio dropped to the silence embedding 10% of the time.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import checkpoint
+from .config import check_compatible, preset
+from .dit import CausalDiT
+from .training import (add_common_args, audio_margin, chunked_times, clip_audio_windows, drop_audio,
+                       export_model, load_clips, loop_config, sample_batch, train_loop)
+from .vae import CausalVAE
+
+
+@torch.no_grad()
+def encode_batch(vae: CausalVAE, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip and reference images -> scaled latents (x_0 [B, Cz, n, h, w], ref [B, Cz, 1, h, w])."""
+    return vae.encode(batch["video"].to(device)), vae.encode_image(batch["ref"].to(device))
+
+
+def flow_matching_loss(dit: CausalDiT, x0, ref, windows, t, g, causal=False) -> torch.Tensor:
+    e = torch.randn(x0.shape, generator=g).to(x0)
+    tt = t.to(x0)[:, None, :, None, None]
+    xt = (1 - tt) * x0 + tt * e
+    s = dit.cfg.stream
+    v = dit(xt, t.to(x0), windows, ref, causal=causal, chunk=s.chunk_frames, context=s.context_frames)
+    return (v - (e - x0)).pow(2).mean()
+
+
+def teacher_loss(dit: CausalDiT, vae: CausalVAE, batch: dict, margin: int, g: torch.Generator,
+                 audio_drop: float = 0.1) -> tuple[torch.Tensor, dict]:
+    device = next(dit.parameters()).device
+    x0, ref = encode_batch(vae, batch, device)
+    b, n = x0.shape[0], x0.shape[2]
+    windows = drop_audio(dit, clip_audio_windows(dit, batch["audio"].to(device), margin, n), audio_drop, g)
+    t = chunked_times(b, n, dit.cfg.stream.chunk_frames, g)
+    loss = flow_matching_loss(dit, x0, ref, windows, t, g)
+    return loss, {"fm": float(loss)}
+
+
+def clip_frames(dit_cfg, chunks: int) -> int:
+    return chunks * dit_cfg.stream.chunk_frames * dit_cfg.temporal_compression
+
+
+def cmd_train_teacher(args) -> int:
+    vae = checkpoint.load_vae(args.vae, args.device)
+    dit = CausalDiT(preset(args.preset).dit).to(args.device)
+    check_compatible(vae.cfg, dit.cfg)
+    clips, _ = load_clips(args.data)
+    margin, frames = audio_margin(dit.cfg), clip_frames(dit.cfg, args.chunks)
+    spf = dit.cfg.audio.samples_per_frame
+
+    def step(i, g):
+        return teacher_loss(dit, vae, sample_batch(clips, args.batch, frames, margin, spf, g), margin, g)
+
+    train_loop("teacher", {"dit": dit}, step, args.out, loop_config(args),
+               lambda: export_model(dit, os.path.join(args.out, "teacher.safetensors")))
+    return 0
+
+
+def register(sub):
+    p = sub.add_parser("train-teacher", help="stage 2: bidirectional teacher DiT (flow matching)")
+    add_common_args(p, needs=("vae",))
+    p.set_defaults(fn=cmd_train_teacher)

@@ -1,0 +1,87 @@
+"""Stage 1: the causal VAE. L1 reconstruction + a small KL, optionally a hinge adversarial term from a
+patch discriminator trained from scratch (no pretrained perceptual network exists here).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.func import functional_call
+
+from .config import preset
+from .training import add_common_args, export_model, load_clips, loop_config, sample_batch, train_loop
+from .vae import CausalPad, CausalVAE
+
+
+class PatchDiscriminator(nn.Module):
+    """Per-frame PatchGAN: real/fake logits on overlapping patches."""
+
+    def __init__(self, ch: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(ch, 2 * ch, 4, 2, 1), nn.GroupNorm(8, 2 * ch), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * ch, 4 * ch, 4, 2, 1), nn.GroupNorm(8, 4 * ch), nn.LeakyReLU(0.2),
+            nn.Conv2d(4 * ch, 1, 3, 1, 1))
+
+    def forward(self, video):  # (B, 3, T, H, W) -> patch logits
+        return self.net(rearrange(video, "b c t h w -> (b t) c h w"))
+
+
+def vae_loss(vae: CausalVAE, video: torch.Tensor, g: torch.Generator, kl_weight: float = 1e-4,
+             disc: PatchDiscriminator | None = None, adv_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    mean, logvar = vae.encode_dist(video)
+    z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g).to(mean)
+    rec = vae.decoder(z, CausalPad())
+    l1 = (rec - video).abs().mean()
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+    loss, logs = l1 + kl_weight * kl, {"l1": l1.item(), "kl": kl.item()}
+    if disc is not None and adv_weight > 0:
+        frozen = {k: v.detach() for k, v in disc.named_parameters()}  # the VAE's term must not train D
+        g_adv = -functional_call(disc, frozen, (rec,)).mean()
+        d_loss = F.relu(1 - disc(video)).mean() + F.relu(1 + disc(rec.detach())).mean()
+        loss = loss + adv_weight * g_adv + d_loss
+        logs.update(g_adv=float(g_adv), d_loss=float(d_loss))
+    return loss, logs
+
+
+@torch.no_grad()
+def latent_scale(vae: CausalVAE, clips, frames: int, spf: int, n: int = 8) -> float:
+    """1 / std of posterior-mean latents over a fixed sample: the DiT then sees unit-variance latents."""
+    g = torch.Generator().manual_seed(1234)
+    video = sample_batch(clips, n, frames, 0, spf, g)["video"].to(next(vae.parameters()).device)
+    std = vae.encode_dist(video)[0].std().item()
+    return 1.0 / max(std, 1e-6)
+
+
+def cmd_train_vae(args) -> int:
+    p = preset(args.preset)
+    clips, index = load_clips(args.data)
+    vae = CausalVAE(p.vae).to(args.device)
+    disc = PatchDiscriminator().to(args.device) if args.adv_weight > 0 else None
+    frames = args.chunks * p.dit.stream.chunk_frames * p.vae.temporal_compression
+    spf = p.dit.audio.samples_per_frame
+
+    def step(i, g):
+        video = sample_batch(clips, args.batch, frames, 0, spf, g)["video"].to(args.device)
+        return vae_loss(vae, video, g, args.kl_weight, disc, args.adv_weight if i >= args.adv_start else 0.0)
+
+    def export():
+        vae.cfg.scaling_factor = latent_scale(vae, clips, frames, spf)
+        export_model(vae, os.path.join(args.out, "rest_vae.safetensors"))
+
+    trainable = {"vae": vae} | ({"disc": disc} if disc is not None else {})
+    train_loop("vae", trainable, step, args.out, loop_config(args), export)
+    return 0
+
+
+def register(sub):
+    p = sub.add_parser("train-vae", help="stage 1: train the causal VAE on a prepared dataset")
+    add_common_args(p)
+    p.add_argument("--kl-weight", type=float, default=1e-4)
+    p.add_argument("--adv-weight", type=float, default=0.0, help="hinge GAN weight (0 = off)")
+    p.add_argument("--adv-start", type=int, default=0, help="step at which the adversarial term starts")
+    p.set_defaults(fn=cmd_train_vae)

@@ -1,0 +1,228 @@
+"""What every training stage shares: batches, audio windows for a clip, the resumable loop.
+
+A stage is a `step(batch, g) -> (loss, logs)` closure over its models; `train_loop` owns the rest:
+optimiser, progress, a JSONL loss log, periodic resumable snapshots. All randomness of step s (batch
+choice, crops, noise, dropout) comes from a generator seeded by (seed, s), so a run resumed from a
+snapshot continues exactly as if it had never stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import checkpoint
+from .audio import SampleTimeline
+from .config import DiTConfig
+from .dit import CausalDiT, audio_windows
+
+log = logging.getLogger("rest_model.train")
+
+
+# -- data ----------------------------------------------------------------------------------------
+def audio_margin(cfg: DiTConfig) -> int:
+    """Video frames of audio needed on each side of a clip so its windows see real audio, as in a stream."""
+    a = cfg.audio
+    return cfg.audio_context * cfg.temporal_compression + max(a.context_frames, a.lookahead_frames)
+
+
+def crop_clip(video: torch.Tensor, audio: torch.Tensor, frames: int, margin: int, spf: int,
+              g: torch.Generator) -> dict:
+    """A random `frames`-frame crop of one clip (video uint8 [T, H, W, 3], audio [T * spf]).
+
+    Returns video [3, frames, H, W] in [-1, 1], the crop's audio with `margin` frames on each side
+    (silence beyond the clip, as in a stream) and ref [3, H, W]: a frame of the same clip chosen anywhere,
+    so identity is decoupled from the starting pose.
+    """
+    t = video.shape[0]
+    if t < frames:
+        raise ValueError(f"clip of {t} frames is shorter than the {frames} frames a sample needs")
+    s = int(torch.randint(t - frames + 1, (1,), generator=g))
+    r = int(torch.randint(t, (1,), generator=g))
+    to_float = lambda x: x.float().div(127.5).sub(1)  # noqa: E731
+    pad = margin * spf
+    padded = torch.nn.functional.pad(audio.float(), (pad, pad + max(0, t * spf - audio.numel())))
+    wave = padded[s * spf: (s + frames) * spf + 2 * pad]  # padded index i is clip sample i - pad
+    return {"video": to_float(video[s:s + frames]).permute(3, 0, 1, 2), "audio": wave,
+            "ref": to_float(video[r]).permute(2, 0, 1)}
+
+
+def sample_batch(clips, batch: int, frames: int, margin: int, spf: int, g: torch.Generator) -> dict:
+    """A batch of random crops; `clips` is a sequence of (video uint8 [T, H, W, 3], audio [T * spf])."""
+    items = [crop_clip(*clips[int(torch.randint(len(clips), (1,), generator=g))], frames, margin, spf, g)
+             for _ in range(batch)]
+    return {k: torch.stack([it[k] for it in items]) for k in ("video", "audio", "ref")}
+
+
+def clip_audio_windows(dit: CausalDiT, audio: torch.Tensor, margin: int, n_latent: int) -> torch.Tensor:
+    """Audio [B, S] of a clip with `margin` frames each side -> windows [B, n_latent, W, A] for its latents."""
+    c = dit.cfg
+    tc, a = c.temporal_compression, c.audio_context
+    out = []
+    for wave in audio:
+        tl = SampleTimeline(c.audio.samples_per_frame, dit.audio_encoder.lead)
+        tl.push(wave)
+        tl.finish()
+        f0 = margin - a * tc
+        out.append(dit.audio_encoder.frames(tl, f0, f0 + (n_latent + 2 * a) * tc))
+    return audio_windows(torch.cat(out), c)
+
+
+def drop_audio(dit: CausalDiT, windows: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    """Silence-mode dropout: whole clips hear the learned null embedding with probability p."""
+    drop = torch.rand(windows.shape[0], generator=g) < p
+    return torch.where(drop[:, None, None, None].to(windows.device), dit.audio_encoder.null.expand_as(windows), windows)
+
+
+def chunked_times(b: int, n: int, chunk: int, g: torch.Generator, per_chunk_prob: float = 0.5) -> torch.Tensor:
+    """Per-frame flow times [B, n]: per chunk (diffusion forcing) with probability p, else one per clip."""
+    per_chunk = torch.rand(b, -(-n // chunk), generator=g).repeat_interleave(chunk, 1)[:, :n]
+    per_clip = torch.rand(b, 1, generator=g).expand(b, n)
+    pick = (torch.rand(b, 1, generator=g) < per_chunk_prob)
+    return torch.where(pick, per_chunk, per_clip)
+
+
+# -- the loop ------------------------------------------------------------------------------------
+@dataclass
+class LoopConfig:
+    steps: int = 1000
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup: int = 50
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 200
+    grad_clip: float = 1.0
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 7_919 + step * 104_729 + 1)
+
+
+def _state_path(out_dir: str, stage: str) -> str:
+    return os.path.join(out_dir, f"{stage}.state.safetensors")
+
+
+def save_state(path: str, modules: dict, opt: torch.optim.Optimizer, step: int, meta: dict | None = None):
+    tensors = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in modules.items()
+               for k, v in m.state_dict().items()}
+    sd = opt.state_dict()
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"optim.{i}.{k}"] = torch.as_tensor(v).detach().contiguous().cpu().reshape(-1) \
+                if torch.as_tensor(v).ndim == 0 else v.detach().contiguous().cpu()
+    info = {"step": step, "param_groups": sd["param_groups"], **(meta or {})}
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata={"rest_train_state": json.dumps(info)})
+    os.replace(tmp, path)
+
+
+def load_state(path: str, modules: dict, opt: torch.optim.Optimizer) -> int:
+    with safe_open(path, framework="pt") as f:
+        info = json.loads(f.metadata()["rest_train_state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for name, m in modules.items():
+        m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+    state = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, key = k.split(".", 2)
+            state.setdefault(int(i), {})[key] = v.reshape(()) if key == "step" else v
+    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    return int(info["step"])
+
+
+def train_loop(stage: str, trainable: dict[str, torch.nn.Module], step_fn: Callable, out_dir: str,
+               cfg: LoopConfig, export: Callable[[], None] | None = None, progress: bool = True) -> list[dict]:
+    """Run `step_fn(step, g) -> (loss, logs)` for cfg.steps steps, resuming from out_dir if a snapshot is there.
+
+    `export()` writes the stage's deployable checkpoints; it is called at each snapshot and at the end.
+    Returns the logged records of this invocation.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    state_path, log_path = _state_path(out_dir, stage), os.path.join(out_dir, f"{stage}.log.jsonl")
+    start = load_state(state_path, trainable, opt) if os.path.exists(state_path) else 0
+    if start:
+        log.info("%s: resumed at step %d from %s", stage, start, state_path)
+    records, t0 = [], time.perf_counter()
+    for m in trainable.values():
+        m.train()
+    for step in range(start, cfg.steps):
+        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss, logs = step_fn(step, step_generator(cfg.seed, step))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        rec = {"step": step + 1, "loss": float(loss), "grad_norm": float(grad_norm), "lr": lr, **logs}
+        records.append(rec)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if progress:
+                rate = (step + 1 - start) / (time.perf_counter() - t0)
+                eta = (cfg.steps - step - 1) / max(rate, 1e-9)
+                extra = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
+                print(f"[{stage}] step {step + 1}/{cfg.steps} loss={float(loss):.4g} {extra} "
+                      f"({rate:.2f} it/s, eta {eta / 60:.1f} min)", file=sys.stderr, flush=True)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save_state(state_path, trainable, opt, step + 1)
+            if export is not None:
+                export()
+    for m in trainable.values():
+        m.eval()
+    return records
+
+
+def export_model(module, path: str):
+    """Deployable checkpoint (weights + config), as the loaders and nodes read it."""
+    was = module.training
+    checkpoint.save(module.eval(), path)
+    module.train(was)
+
+
+def load_clips(root: str, split: str = "train") -> tuple[list, dict]:
+    """A prepared dataset (python -m rest_model prepare) -> [(video uint8 [T,H,W,3], audio [T*spf])], index."""
+    with open(os.path.join(root, "index.json")) as f:
+        index = json.load(f)
+    clips = []
+    for entry in index["clips"]:
+        if entry.get("split", "train") != split:
+            continue
+        with safe_open(os.path.join(root, entry["file"]), framework="pt") as f:
+            clips.append((f.get_tensor("video"), f.get_tensor("audio")))
+    if not clips:
+        raise ValueError(f"{root} has no '{split}' clips")
+    return clips, index
+
+
+def add_common_args(p, needs: tuple[str, ...] = ()):
+    """Arguments every stage command takes; `needs` names the checkpoints a stage starts from."""
+    p.add_argument("--data", required=True, help="prepared dataset folder (python -m rest_model prepare)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, resumable state, loss log")
+    p.add_argument("--preset", default="demo")
+    for name in needs:
+        p.add_argument(f"--{name}", required=True, help=f"{name} checkpoint (.safetensors)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--chunks", type=int, default=3, help="chunks per training clip")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def loop_config(args) -> LoopConfig:
+    return LoopConfig(steps=args.steps, lr=args.lr, seed=args.seed, save_every=args.save_every)

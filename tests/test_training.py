@@ -1,0 +1,186 @@
+"""Every training stage's loss falls on the tiny preset, and a run resumed from a snapshot equals a run
+that never stopped."""
+import math
+
+import pytest
+import torch
+
+from rest_model import checkpoint
+from rest_model.asd import asd_loss, asynchronous_times
+from rest_model.cli import random_model
+from rest_model.init_student import init_student_loss, student_rollout
+from rest_model.sampler import flow_schedule
+from rest_model.train_teacher import clip_frames, teacher_loss
+from rest_model.train_vae import PatchDiscriminator, vae_loss
+from rest_model.training import LoopConfig, audio_margin, crop_clip, sample_batch, train_loop
+from conftest import speech_like
+
+SPF = 640
+
+
+def toy_clips(n=2, frames=24, size=32):
+    """A face-ish disc whose 'mouth' bar opens with the audio envelope: learnable, cheap."""
+    clips = []
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for i in range(n):
+        audio = speech_like(frames / 25, 16000, seed=i)
+        env = audio.abs().reshape(frames, SPF).mean(1)
+        env = env / env.max()
+        video = torch.zeros(frames, size, size, 3)
+        for f in range(frames):
+            face = ((yy - 16) ** 2 + (xx - 16 + i) ** 2) < 100
+            mouth = (abs(yy - 21) <= 1 + 3 * env[f]) & (abs(xx - 16) < 5)
+            video[f][face] = torch.tensor([0.9, 0.7, 0.5 + 0.2 * i])
+            video[f][mouth] = torch.tensor([0.3, 0.05, 0.05])
+        clips.append(((video * 255).byte(), audio))
+    return clips
+
+
+def _run(stage, modules, loss_fn, tmp_path, steps, lr=3e-3, save_every=1000):
+    cfg = LoopConfig(steps=steps, lr=lr, warmup=1, log_every=1000, save_every=save_every)
+    return train_loop(stage, modules, loss_fn, str(tmp_path), cfg, progress=False)
+
+
+def _falls(records, what="loss", k=5):
+    first = sum(r[what] for r in records[:k]) / k
+    last = sum(r[what] for r in records[-k:]) / k
+    assert math.isfinite(last) and last < 0.8 * first, f"{what} did not fall: {first:.4g} -> {last:.4g}"
+
+
+def test_crop_clip_aligns_audio_and_pads_with_silence():
+    video = torch.arange(10).view(10, 1, 1, 1).expand(10, 2, 2, 3).byte()
+    audio = torch.arange(10 * SPF).float()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        item = crop_clip(video, audio, 4, 2, SPF, g)
+        first = int(round((item["video"][0, 0, 0, 0].item() + 1) * 127.5))
+        wave = item["audio"]
+        assert wave.numel() == (4 + 4) * SPF
+        own = wave[2 * SPF:]  # the crop's own first sample is clip sample first * SPF
+        assert own[0].item() == first * SPF
+        if first < 2:
+            assert (wave[: (2 - first) * SPF] == 0).all()
+    with pytest.raises(ValueError, match="shorter"):
+        crop_clip(video, audio, 11, 0, SPF, g)
+
+
+def test_vae_stage_loss_falls(tmp_path):
+    vae, _ = random_model("tiny")
+    clips = toy_clips(1, 8)
+    disc = PatchDiscriminator(8)
+
+    def step(i, g):
+        video = sample_batch(clips, 2, 8, 0, SPF, g)["video"]
+        return vae_loss(vae, video, g, disc=disc, adv_weight=0.05 if i > 20 else 0.0)
+
+    records = _run("vae", {"vae": vae, "disc": disc}, step, tmp_path, 40)
+    _falls(records, "l1")
+    assert "d_loss" in records[-1]
+
+
+def test_teacher_stage_loss_falls(tmp_path):
+    vae, dit = random_model("tiny")
+    clips = toy_clips()
+    margin, frames = audio_margin(dit.cfg), clip_frames(dit.cfg, 2)
+    batch = sample_batch(clips, 2, frames, margin, SPF, torch.Generator().manual_seed(0))
+    records = _run("teacher", {"dit": dit}, lambda i, g: teacher_loss(dit, vae, batch, margin, g), tmp_path, 40)
+    _falls(records)
+
+
+def test_student_init_stage_loss_falls(tmp_path):
+    vae, teacher = random_model("tiny")
+    student = random_model("tiny")[1]
+    student.load_state_dict(teacher.state_dict())
+    clips = toy_clips()
+    margin, frames = audio_margin(student.cfg), clip_frames(student.cfg, 2)
+    batch = sample_batch(clips, 2, frames, margin, SPF, torch.Generator().manual_seed(0))
+    records = _run("student", {"dit": student}, lambda i, g: init_student_loss(
+        student, teacher, vae, batch, margin, torch.Generator().manual_seed(5), teacher_steps=4), tmp_path, 30)
+    _falls(records, "ode")
+
+
+def test_asd_stage_loss_falls(tmp_path):
+    vae, teacher = random_model("tiny")
+    student = random_model("tiny", seed=1)[1]
+    clips = toy_clips()
+    margin, frames = audio_margin(student.cfg), clip_frames(student.cfg, 2)
+    batch = sample_batch(clips, 2, frames, margin, SPF, torch.Generator().manual_seed(0))
+    records = _run("asd", {"dit": student}, lambda i, g: asd_loss(
+        student, teacher, vae, batch, margin, torch.Generator().manual_seed(5)), tmp_path, 30)
+    _falls(records, "asd")
+
+
+def test_asynchronous_schedule_is_cleaner_before_the_current_chunk():
+    t = asynchronous_times(6, 2, 2, 0.1, torch.tensor([0.5, 0.6]))
+    assert t.shape == (2, 6)
+    assert torch.allclose(t[:, :4], torch.full((2, 4), 0.1))
+    assert torch.allclose(t[:, 4:], torch.tensor([[0.5, 0.5], [0.6, 0.6]]))
+
+
+@torch.no_grad()
+def test_student_rollout_is_exactly_the_streamer(tiny):
+    """Training and inference share one path: the rollout equals what `stream` generates."""
+    from rest_model.streamer import AudioSource, stream
+    from rest_model.training import clip_audio_windows
+    vae, dit = tiny
+    wave = speech_like(24 / 25, 16000)
+    portrait = torch.rand(3, 32, 32) * 2 - 1
+    chunks = list(stream(vae, dit, portrait, AudioSource.whole(wave, 16000), dit.cfg.stream, seed=7, decode=False))
+    margin = audio_margin(dit.cfg)
+    padded = torch.nn.functional.pad(wave, (margin * SPF, margin * SPF))
+    windows = clip_audio_windows(dit, padded[None], margin, 6)
+    from rest_model.streamer import chunk_noise
+    noise = torch.cat([chunk_noise(7, j, (1, 8, 2, 4, 4), "cpu", torch.float32) for j in range(3)], 2)
+    ref = vae.encode_image(portrait[None])
+    out = student_rollout(dit, ref, windows, noise, flow_schedule(2))
+    torch.testing.assert_close(out, torch.cat([c.latent for c in chunks], 2), atol=1e-5, rtol=1e-5)
+
+
+def test_resume_from_a_snapshot_equals_an_uninterrupted_run(tmp_path):
+    def fresh():
+        vae, dit = random_model("tiny")
+        return vae, dit
+
+    clips = toy_clips()
+
+    def make_step(vae, dit):
+        margin, frames = audio_margin(dit.cfg), clip_frames(dit.cfg, 2)
+        return lambda i, g: teacher_loss(dit, vae, sample_batch(clips, 2, frames, margin, SPF, g), margin, g)
+
+    vae, straight = fresh()
+    _run("teacher", {"dit": straight}, make_step(vae, straight), tmp_path / "a", 6)
+
+    vae, first = fresh()
+    _run("teacher", {"dit": first}, make_step(vae, first), tmp_path / "b", 3, save_every=3)  # "crash" after 3
+    vae, resumed = fresh()  # a new process: weights from scratch, state from the snapshot
+    records = _run("teacher", {"dit": resumed}, make_step(vae, resumed), tmp_path / "b", 6, save_every=3)
+    assert [r["step"] for r in records] == [4, 5, 6]
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_stage_commands_write_loadable_checkpoints(tmp_path):
+    """The four commands chained on a prepared toy dataset produce checkpoints the loaders accept."""
+    import json
+    from safetensors.torch import save_file
+    from rest_model.cli import main
+    data = tmp_path / "data"
+    data.mkdir()
+    entries = []
+    for i, (video, audio) in enumerate(toy_clips(2, 24)):
+        save_file({"video": video, "audio": audio}, data / f"c{i}.safetensors")
+        entries.append({"file": f"c{i}.safetensors", "identity": f"id{i}", "voice": "v", "frames": 24, "split": "train"})
+    (data / "index.json").write_text(json.dumps({"preset": "tiny", "fps": 25, "resolution": 32,
+                                                 "sample_rate": 16000, "clips": entries}))
+    run = tmp_path / "run"
+    common = ["--data", str(data), "--out", str(run), "--preset", "tiny", "--steps", "2", "--batch", "1",
+              "--chunks", "2", "--device", "cpu"]
+    assert main(["train-vae", *common]) == 0
+    assert main(["train-teacher", *common, "--vae", str(run / "rest_vae.safetensors")]) == 0
+    assert main(["init-student", *common, "--vae", str(run / "rest_vae.safetensors"), "--teacher",
+                 str(run / "teacher.safetensors"), "--teacher-steps", "2"]) == 0
+    assert main(["distill", *common, "--vae", str(run / "rest_vae.safetensors"), "--teacher",
+                 str(run / "teacher.safetensors"), "--student", str(run / "student_init.safetensors")]) == 0
+    vae, dit = checkpoint.load_pair(run / "rest_vae.safetensors", run / "student_asd.safetensors")
+    assert vae.cfg.scaling_factor != 1.0  # stage 1 measured the latent scale
+    assert (run / "asd.log.jsonl").exists()
