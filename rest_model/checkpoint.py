@@ -31,13 +31,19 @@ def kind_of(module: torch.nn.Module) -> str:
     raise TypeError(f"not a REST model: {type(module).__name__}")
 
 
-def save(module: torch.nn.Module, path: str | os.PathLike, extra: dict | None = None) -> None:
-    """Write weights + {format, format_version, kind, config[, extra]} metadata atomically."""
+def save(module: torch.nn.Module, path: str | os.PathLike, extra: dict | None = None,
+         dtype: torch.dtype | None = None) -> None:
+    """Write weights + {format, format_version, kind, config[, extra]} metadata atomically.
+
+    `dtype` stores floating-point weights in another precision (float16 halves a shipped file); the
+    loaders cast them back to the module's dtype, so a float16 file runs in float32 on a CPU.
+    """
     kind = kind_of(module)
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": kind, "config": to_json(module.cfg)}
     if extra:
         meta["extra"] = json.dumps(extra)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    tensors = {k: v.detach().to(dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous().cpu()
+               for k, v in module.state_dict().items()}
     tmp = f"{path}.tmp"
     save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint under the real name
@@ -103,6 +109,11 @@ def _check_weights(path, module, tensors):
         problems.append(f"{len(shapes)} of the wrong shape (e.g. {shapes[:3]})")
     if problems:
         raise CheckpointError(f"{path}: weights do not match the config in its metadata: " + "; ".join(problems))
+
+
+def load_any(path, device="cpu", dtype=None) -> torch.nn.Module:
+    """A VAE or a DiT, whichever the file holds."""
+    return load(path, read_metadata(path)["kind"], device, dtype)
 
 
 def load_vae(path, device="cpu", dtype=None) -> CausalVAE:

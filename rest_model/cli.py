@@ -77,6 +77,15 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Re-save a checkpoint (VAE or DiT) with its weights in another precision, e.g. to ship it."""
+    module = checkpoint.load_any(args.input)
+    checkpoint.save(module, args.out, dtype=getattr(torch, args.dtype))
+    print(f"wrote {args.out} ({checkpoint.read_metadata(args.out)['kind']}, {args.dtype}, "
+          f"{os.path.getsize(args.out) / 2**20:.1f} MiB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m rest_model", description=__doc__)
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -96,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--crop", default="center", choices=media.CROP_MODES)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.set_defaults(fn=cmd_generate)
+    e = sub.add_parser("export", help="re-save a VAE/DiT checkpoint in another weight precision")
+    e.add_argument("--in", dest="input", required=True, help="checkpoint to read")
+    e.add_argument("--out", required=True, help="checkpoint to write")
+    e.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    e.set_defaults(fn=cmd_export)
     for module in SUBCOMMANDS:
         importlib.import_module(module).register(sub)
     return ap

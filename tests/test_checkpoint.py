@@ -112,3 +112,24 @@ def test_save_is_atomic(tiny, tmp_path):
     vae, _ = tiny
     checkpoint.save(vae, tmp_path / "v.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.safetensors"]
+
+
+def test_float16_export_halves_the_file_and_loads_as_float32(tiny, files, tmp_path):
+    """`export --dtype float16` (how the demo model ships): half the bytes, float32 modules, same outputs
+    to float16 rounding; a non-float buffer keeps its dtype."""
+    from rest_model.cli import main
+    vae, dit = tiny
+    out = tmp_path / "dit16.safetensors"
+    assert main(["export", "--in", str(files[1]), "--out", str(out), "--dtype", "float16"]) == 0
+    assert out.stat().st_size < 0.55 * files[1].stat().st_size
+    dit16 = checkpoint.load_any(out)
+    assert next(dit16.parameters()).dtype == torch.float32
+    c = dit.cfg
+    x, t, ref = torch.randn(1, 8, 2, 4, 4), torch.rand(1, 2), torch.randn(1, 8, 1, 4, 4)
+    a = audio_windows(torch.randn(1, 4 * 4, c.audio.dim), c)
+    with torch.no_grad():
+        torch.testing.assert_close(dit16(x, t, a, ref), dit(x, t, a, ref), atol=2e-2, rtol=2e-2)
+    vae16 = tmp_path / "vae16.safetensors"
+    assert main(["export", "--in", str(files[0]), "--out", str(vae16)]) == 0
+    assert checkpoint.read_metadata(vae16)["kind"] == "vae"
+    checkpoint.load_pair(vae16, out)  # still a matching pair
