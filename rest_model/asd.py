@@ -8,9 +8,13 @@ bidirectional teacher sees the sequence under an *asynchronous* noise schedule:
     chunk  j     : the student's output re-noised to t_j ~ U(t_min, t_max)
     chunks i > j : absent
 
-and its denoised estimate of chunk j, x_0^T = x_t - t_j v_T, is the target:
+and the teacher's solve of chunk j from t_j to 0 (`solve_steps` Euler steps over chunk j alone, the
+context held at t_ctx; one step is its denoised estimate x_t - t_j v_T) is the target:
 
     L_ASD = sum_j || x^S_j - stopgrad(x_0^T_j) ||^2
+
+A few solve steps give a sharper target than the one-step estimate, which at t_j ~ 0.5 is the blurry
+conditional mean.
 
 Because the context is the student's own, the teacher shows it how to correct the drift it creates:
 that is what stops error accumulation over long streams. A teacher-forced flow-matching term on real
@@ -37,27 +41,33 @@ def asynchronous_times(n_frames: int, chunk: int, j: int, t_ctx: float, t_j: tor
     return torch.cat([ctx, t_j[:, None].expand(b, min(chunk, n_frames - j * chunk))], 1)
 
 
-def asd_targets(teacher, student_out, ref, windows, g, t_ctx: float, t_min: float, t_max: float) -> torch.Tensor:
-    """The teacher's denoised estimate of every chunk under its asynchronous schedule (no gradient)."""
+def asd_targets(teacher, student_out, ref, windows, g, t_ctx: float, t_min: float, t_max: float,
+                solve_steps: int = 1) -> torch.Tensor:
+    """The teacher's clean estimate of every chunk under its asynchronous schedule (no gradient)."""
     k = teacher.cfg.stream.chunk_frames
     b, n = student_out.shape[0], student_out.shape[2]
     targets = []
     with torch.no_grad():
         for j in range(0, -(-n // k)):
-            end = min(n, (j + 1) * k)
+            start, end = j * k, min(n, (j + 1) * k)
             t_j = t_min + (t_max - t_min) * torch.rand(b, generator=g)
             t = asynchronous_times(n, k, j, t_ctx, t_j).to(student_out)
             x = student_out[:, :, :end]
             e = torch.randn(x.shape, generator=g).to(x)
             tt = t[:, None, :, None, None]
             xt = (1 - tt) * x + tt * e
-            v = teacher(xt, t, windows[:, :end], ref)
-            targets.append((xt - tt * v)[:, :, j * k:end])
+            steps = t[:, start:start + 1] * torch.linspace(1, 0, solve_steps + 1).to(t)  # (B, S+1) t_j -> 0
+            xj = xt[:, :, start:end]
+            for s in range(solve_steps):
+                t[:, start:end] = steps[:, s:s + 1]
+                v = teacher(torch.cat([xt[:, :, :start], xj], 2), t, windows[:, :end], ref)[:, :, start:end]
+                xj = xj + (steps[:, s + 1] - steps[:, s])[:, None, None, None, None] * v
+            targets.append(xj)
     return torch.cat(targets, 2)
 
 
 def asd_loss(student, teacher, vae, batch, margin, g, t_ctx: float = 0.1, t_min: float = 0.2,
-             t_max: float = 0.7, real_weight: float = 0.25) -> tuple[torch.Tensor, dict]:
+             t_max: float = 0.7, real_weight: float = 0.25, solve_steps: int = 1) -> tuple[torch.Tensor, dict]:
     device = next(student.parameters()).device
     x0, ref = encode_batch(vae, batch, device)
     n = x0.shape[2]
@@ -67,7 +77,7 @@ def asd_loss(student, teacher, vae, batch, margin, g, t_ctx: float = 0.1, t_min:
     s = student.cfg.stream
     e = torch.randn(x0.shape, generator=g).to(x0)
     out = student_rollout(student, ref, ws, e, flow_schedule(s.steps, s.shift), grad_steps=1)
-    target = asd_targets(teacher, out.detach(), ref, wt, g, t_ctx, t_min, t_max)
+    target = asd_targets(teacher, out.detach(), ref, wt, g, t_ctx, t_min, t_max, solve_steps)
     asd = (out - target).pow(2).mean()
     real = teacher_forced_fm(student, x0, ref, ws, g)
     return asd + real_weight * real, {"asd": float(asd), "fm": float(real)}
@@ -83,7 +93,8 @@ def cmd_distill(args) -> int:
 
     def step(i, g):
         batch = sample_batch(clips, args.batch, frames, margin, spf, g)
-        return asd_loss(student, teacher, vae, batch, margin, g, args.t_ctx, args.t_min, args.t_max, args.real_weight)
+        return asd_loss(student, teacher, vae, batch, margin, g, args.t_ctx, args.t_min, args.t_max,
+                        args.real_weight, args.solve_steps)
 
     train_loop("asd", {"dit": student}, step, args.out, loop_config(args),
                lambda: export_model(student, os.path.join(args.out, "student_asd.safetensors")))
@@ -96,5 +107,6 @@ def register(sub):
     p.add_argument("--t-ctx", type=float, default=0.1, help="re-noise level of the student's own context")
     p.add_argument("--t-min", type=float, default=0.2)
     p.add_argument("--t-max", type=float, default=0.7)
+    p.add_argument("--solve-steps", type=int, default=3, help="teacher Euler steps from t_j to 0 for the target")
     p.add_argument("--real-weight", type=float, default=0.25, help="teacher-forced flow matching on real clips")
     p.set_defaults(fn=cmd_distill)

@@ -184,3 +184,37 @@ def test_stage_commands_write_loadable_checkpoints(tmp_path):
     vae, dit = checkpoint.load_pair(run / "rest_vae.safetensors", run / "student_asd.safetensors")
     assert vae.cfg.scaling_factor != 1.0  # stage 1 measured the latent scale
     assert (run / "asd.log.jsonl").exists()
+
+
+@torch.no_grad()
+def test_asd_target_is_the_teachers_solve_under_the_asynchronous_schedule(tiny):
+    """One solve step is the teacher's denoised estimate x_t - t_j v with earlier chunks at t_ctx and
+    no later chunk in view; more steps integrate chunk j alone while the context stays put."""
+    from rest_model.asd import asd_targets
+    from rest_model.dit import audio_windows
+    _, teacher = tiny
+    c = teacher.cfg
+    k, n = c.stream.chunk_frames, 6
+    out = torch.randn(1, 8, n, 4, 4)
+    windows = audio_windows(torch.randn(1, (n + 2) * 4, c.audio.dim), c)
+    ref = torch.randn(1, 8, 1, 4, 4)
+    one = asd_targets(teacher, out, ref, windows, torch.Generator().manual_seed(3), 0.1, 0.2, 0.7, solve_steps=1)
+    # replay the same draws by hand for chunk 1
+    g = torch.Generator().manual_seed(3)
+    for j in range(2):
+        t_j = 0.2 + 0.5 * torch.rand(1, generator=g)
+        e = torch.randn(1, 8, (j + 1) * k, 4, 4, generator=g)
+    t = asynchronous_times(n, k, 1, 0.1, t_j)
+    tt = t[:, None, :, None, None]
+    xt = (1 - tt) * out[:, :, :2 * k] + tt * e
+    want = (xt - tt * teacher(xt, t, windows[:, :2 * k], ref))[:, :, k:2 * k]
+    torch.testing.assert_close(one[:, :, k:2 * k], want, atol=1e-5, rtol=1e-5)
+    # a later chunk of the student's rollout changes no earlier target (the teacher sees chunks <= j)
+    later = out.clone()
+    later[:, :, 2 * k:] += 1
+    three = asd_targets(teacher, out, ref, windows, torch.Generator().manual_seed(3), 0.1, 0.2, 0.7, solve_steps=3)
+    three_later = asd_targets(teacher, later, ref, windows, torch.Generator().manual_seed(3), 0.1, 0.2, 0.7,
+                              solve_steps=3)
+    torch.testing.assert_close(three[:, :, :2 * k], three_later[:, :, :2 * k])
+    assert not torch.allclose(three[:, :, 2 * k:], three_later[:, :, 2 * k:])
+    assert not torch.allclose(three, one)  # the multi-step solve is a different (sharper) target
