@@ -30,8 +30,8 @@ from . import checkpoint
 from .init_student import student_rollout, teacher_forced_fm
 from .sampler import flow_schedule
 from .train_teacher import clip_frames, encode_batch
-from .training import (add_common_args, audio_margin, clip_audio_windows, export_model, load_clips, loop_config,
-                       sample_batch, train_loop)
+from .training import (add_common_args, audio_margin, clip_audio_windows, export_model, load_clips,
+                       loop_config, make_trainable, sample_batch, train_loop)
 
 
 def asynchronous_times(n_frames: int, chunk: int, j: int, t_ctx: float, t_j: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,7 @@ def asd_loss(student, teacher, vae, batch, margin, g, t_ctx: float = 0.1, t_min:
 def cmd_distill(args) -> int:
     vae = checkpoint.load_vae(args.vae, args.device)
     teacher = checkpoint.load_dit(args.teacher, args.device)
-    student = checkpoint.load_dit(args.student, args.device).requires_grad_(True)
+    student = make_trainable(checkpoint.load_dit(args.student, args.device))
     clips, _ = load_clips(args.data)
     margin, frames = audio_margin(student.cfg), clip_frames(student.cfg, args.chunks)
     spf = student.cfg.audio.samples_per_frame

@@ -8,6 +8,13 @@ The network is a causal log-mel front end (each mel hop sees only past samples) 
 Whole-file and incremental encoding both go through `SampleTimeline.segment` -> `AudioEncoder.frames`,
 so they compute the same numbers.
 
+Optional backbone (`AudioConfig.backbone`): a wav2vec2 or HuBERT base network from torchaudio.models
+replaces the log-mel front end and the convolutions. Its transformer is bidirectional, so to keep the
+same fixed look-ahead each frame's feature comes from the backbone run over that frame's own window
+of audio, frames [i - context_frames, i + lookahead_frames], with a learned mix of its layers. The
+weights are the user's (`load_backbone_weights`, a .safetensors of the torchaudio model's state
+dict); nothing is downloaded. The backbone is frozen; only the mix and projection train.
+
 Silence mode (TalkingMachines): a frame whose RMS is below `silence_db` gets a learned null embedding
 instead of the network's feature, and training drops audio to the same embedding.
 """
@@ -149,6 +156,19 @@ class SampleTimeline:
             self.buf, self.start = self.buf[cut:], self.start + cut
 
 
+BACKBONES = {"wav2vec2_base": torchaudio.models.wav2vec2_base, "hubert_base": torchaudio.models.hubert_base}
+BACKBONE_RATE = 16000  # both were trained on 16 kHz speech
+
+
+def build_backbone(name: str) -> nn.Module:
+    """The frozen torchaudio architecture, with dropout and layer drop off so it is deterministic."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown audio backbone {name!r}; choose mel or one of {sorted(BACKBONES)}")
+    model = BACKBONES[name](encoder_projection_dropout=0.0, encoder_attention_dropout=0.0,
+                            encoder_ff_interm_dropout=0.0, encoder_dropout=0.0, encoder_layer_drop=0.0)
+    return model.eval().requires_grad_(False)
+
+
 class AudioEncoder(nn.Module):
     def __init__(self, cfg: AudioConfig, fps: int):
         super().__init__()
@@ -157,11 +177,56 @@ class AudioEncoder(nn.Module):
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=self.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop, n_mels=cfg.n_mels,
             center=False, power=2.0)
-        self.proj_in = nn.Linear(cfg.mels_per_frame * cfg.n_mels, cfg.dim)
-        self.norms = nn.ModuleList(nn.LayerNorm(cfg.dim) for _ in cfg.dilations)
-        self.convs = nn.ModuleList(nn.Conv1d(cfg.dim, cfg.dim, cfg.kernel, dilation=d) for d in cfg.dilations)
+        self.backbone = None
+        if cfg.backbone != "mel":
+            if self.sample_rate != BACKBONE_RATE:
+                raise ValueError(f"audio backbone {cfg.backbone} needs a {BACKBONE_RATE} Hz encoder rate; "
+                                 f"fps {fps} x samples_per_frame {cfg.samples_per_frame} = {self.sample_rate}")
+            self.backbone = build_backbone(cfg.backbone)
+            n_layers = len(self.backbone.encoder.transformer.layers)
+            self.layer_mix = nn.Parameter(torch.zeros(n_layers))  # softmax weights over layers (SUPERB)
+            self.proj_in = nn.Linear(cfg.backbone_dim, cfg.dim)
+        else:
+            self.proj_in = nn.Linear(cfg.mels_per_frame * cfg.n_mels, cfg.dim)
+        convs = cfg.dilations if self.backbone is None else ()
+        self.norms = nn.ModuleList(nn.LayerNorm(cfg.dim) for _ in convs)
+        self.convs = nn.ModuleList(nn.Conv1d(cfg.dim, cfg.dim, cfg.kernel, dilation=d) for d in convs)
         self.norm_out = nn.LayerNorm(cfg.dim)
         self.null = nn.Parameter(torch.zeros(cfg.dim))  # silence-mode embedding
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.backbone is not None:
+            self.backbone.eval()  # frozen: never in training mode
+        return self
+
+    def load_backbone_weights(self, path: str) -> None:
+        """User-supplied backbone weights: a .safetensors of the torchaudio model's state dict."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        if self.backbone is None:
+            raise ValueError("this audio encoder has no backbone (AudioConfig.backbone is 'mel')")
+        try:
+            sd = load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"audio backbone weights {path}: not a readable .safetensors file: {e}") from None
+        missing, unexpected = self.backbone.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"audio backbone weights {path} do not fit {self.cfg.backbone}: "
+                             f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+                             f"(e.g. {unexpected[:2]})")
+
+    def _backbone_frames(self, seg: torch.Tensor, n: int) -> torch.Tensor:
+        """Samples of frames [f0 - context, f1 + lookahead) -> [1, n, dim], one backbone window per frame."""
+        c, spf = self.cfg, self.cfg.samples_per_frame
+        span = c.context_frames + 1 + c.lookahead_frames
+        windows = seg.unfold(0, span * spf, spf)[:n]  # (n, span * spf): frame i's own window
+        layers, _ = self.backbone.extract_features(windows)
+        h = torch.einsum("l,lntd->ntd", self.layer_mix.softmax(0), torch.stack(layers))
+        # the conv front end's output j reads samples [320 j, 320 j + 400): keep those centred in the frame
+        centres = torch.arange(h.shape[1], device=h.device) * 320 + 200
+        own = (centres >= c.context_frames * spf) & (centres < (c.context_frames + 1) * spf)
+        return self.proj_in(h[:, own].mean(1))[None]
 
     @property
     def lead(self) -> int:
@@ -175,6 +240,18 @@ class AudioEncoder(nn.Module):
         """Features of video frames [f0, f1) -> [1, f1 - f0, dim]."""
         c = self.cfg
         seg = tl.segment(f0 - c.context_frames, f1 + c.lookahead_frames).to(self.null.device)
+        if self.backbone is not None:
+            x = self.norm_out(self._backbone_frames(seg[self.lead:], f1 - f0))
+        else:
+            x = self._mel_frames(seg)
+        own = rearrange(seg[self.lead + c.context_frames * c.samples_per_frame:][: (f1 - f0) * c.samples_per_frame],
+                        "(t s) -> t s", s=c.samples_per_frame)
+        rms_db = 10 * torch.log10(own.pow(2).mean(-1).clamp_min(1e-12))
+        speaking = (rms_db > c.silence_db)[None, :, None]
+        return torch.where(speaking, x, self.null.expand_as(x))
+
+    def _mel_frames(self, seg: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
         mel = self.mel(seg[None])  # (1, n_mels, frames * m): hop j reads samples up to its own end
         logmel = (torch.log10(mel.clamp_min(1e-8)) + 4.0) / 4.0
         x = self.proj_in(rearrange(logmel, "b f (t m) -> b t (m f)", m=c.mels_per_frame))
@@ -182,12 +259,7 @@ class AudioEncoder(nn.Module):
             shrink = (c.kernel - 1) * conv.dilation[0]
             h = conv(F.gelu(norm(x)).transpose(1, 2)).transpose(1, 2)
             x = x[:, shrink:] + h  # valid conv: output p is aligned with the last input of its window
-        x = self.norm_out(x)  # (1, f1 - f0, dim)
-        own = rearrange(seg[self.lead + c.context_frames * c.samples_per_frame:][: (f1 - f0) * c.samples_per_frame],
-                        "(t s) -> t s", s=c.samples_per_frame)
-        rms_db = 10 * torch.log10(own.pow(2).mean(-1).clamp_min(1e-12))
-        speaking = (rms_db > c.silence_db)[None, :, None]
-        return torch.where(speaking, x, self.null.expand_as(x))
+        return self.norm_out(x)  # (1, f1 - f0, dim)
 
     def encode(self, waveform: torch.Tensor, sample_rate: int, n_frames: int | None = None) -> torch.Tensor:
         """Whole waveform -> features [1, n_frames, dim]; n_frames defaults to the audio's duration."""

@@ -19,7 +19,7 @@ from .id_context_cache import IDContextCache
 from .sampler import flow_schedule, sample_clip, sample_euler
 from .train_teacher import clip_frames, encode_batch
 from .training import (add_common_args, audio_margin, clip_audio_windows, drop_audio, export_model, load_clips,
-                       loop_config, sample_batch, train_loop)
+                       loop_config, make_trainable, sample_batch, train_loop)
 
 
 def _cache(dit: CausalDiT, ref: torch.Tensor) -> IDContextCache:
@@ -93,7 +93,7 @@ def init_student_loss(student, teacher, vae, batch, margin, g, teacher_steps: in
 def cmd_init_student(args) -> int:
     vae = checkpoint.load_vae(args.vae, args.device)
     teacher = checkpoint.load_dit(args.teacher, args.device)
-    student = checkpoint.load_dit(args.teacher, args.device).requires_grad_(True)  # same weights to start
+    student = make_trainable(checkpoint.load_dit(args.teacher, args.device))  # same weights to start
     clips, _ = load_clips(args.data)
     margin, frames = audio_margin(student.cfg), clip_frames(student.cfg, args.chunks)
     spf = student.cfg.audio.samples_per_frame

@@ -51,8 +51,16 @@ def clip_frames(dit_cfg, chunks: int) -> int:
 
 
 def cmd_train_teacher(args) -> int:
+    if args.audio_backbone != "mel" and not args.audio_backbone_weights:
+        raise ValueError(f"--audio-backbone {args.audio_backbone} needs --audio-backbone-weights (a .safetensors "
+                         f"of the torchaudio model's state dict): a random backbone hears nothing")
     vae = checkpoint.load_vae(args.vae, args.device)
-    dit = CausalDiT(preset(args.preset).dit).to(args.device)
+    cfg = preset(args.preset).dit
+    cfg.audio.backbone = args.audio_backbone
+    dit = CausalDiT(cfg)
+    if args.audio_backbone_weights:
+        dit.audio_encoder.load_backbone_weights(args.audio_backbone_weights)
+    dit.to(args.device)
     check_compatible(vae.cfg, dit.cfg)
     clips, _ = load_clips(args.data)
     margin, frames = audio_margin(dit.cfg), clip_frames(dit.cfg, args.chunks)
@@ -69,4 +77,8 @@ def cmd_train_teacher(args) -> int:
 def register(sub):
     p = sub.add_parser("train-teacher", help="stage 2: bidirectional teacher DiT (flow matching)")
     add_common_args(p, needs=("vae",))
+    p.add_argument("--audio-backbone", default="mel", choices=("mel", "wav2vec2_base", "hubert_base"),
+                   help="audio front end: log-mel (default) or a frozen torchaudio wav2vec2/HuBERT base")
+    p.add_argument("--audio-backbone-weights", help="the backbone's weights: .safetensors of the torchaudio "
+                   "model's state dict (yours; nothing is downloaded)")
     p.set_defaults(fn=cmd_train_teacher)

@@ -186,6 +186,14 @@ def train_loop(stage: str, trainable: dict[str, torch.nn.Module], step_fn: Calla
     return records
 
 
+def make_trainable(dit: CausalDiT) -> CausalDiT:
+    """A loaded (frozen) DiT ready to train; an audio backbone stays frozen (its weights are the user's)."""
+    dit.requires_grad_(True)
+    if dit.audio_encoder.backbone is not None:
+        dit.audio_encoder.backbone.requires_grad_(False)
+    return dit
+
+
 def export_model(module, path: str):
     """Deployable checkpoint (weights + config), as the loaders and nodes read it."""
     was = module.training

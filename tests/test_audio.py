@@ -104,3 +104,68 @@ def test_incremental_features_equal_whole(enc):
     tl.finish()
     rest = enc.frames(tl, 10, whole.shape[1])
     torch.testing.assert_close(torch.cat([first, rest], 1), whole, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def backbone_enc():
+    """The tiny preset's audio settings on a wav2vec2 base backbone (the architecture, random weights)."""
+    from rest_model.audio import AudioEncoder
+    from rest_model.config import AudioConfig
+    torch.manual_seed(0)
+    enc = AudioEncoder(AudioConfig(n_mels=32, dim=32, dilations=(1, 2), backbone="wav2vec2_base"), 25)
+    with torch.no_grad():
+        enc.layer_mix.normal_()
+    return enc.eval()
+
+
+@torch.no_grad()
+def test_backbone_keeps_the_documented_lookahead_and_streams_exactly(backbone_enc):
+    enc, c = backbone_enc, backbone_enc.cfg
+    wave = speech_like(0.8, 16000)
+    base = enc.encode(wave, 16000)
+    assert base.shape == (1, 20, 32) and torch.isfinite(base).all()
+    i = 6
+    for future, should_change in [(i + c.lookahead_frames, True), (i + c.lookahead_frames + 1, False)]:
+        w = wave.clone()
+        w[future * c.samples_per_frame:] = torch.randn(w.numel() - future * c.samples_per_frame) * 0.3
+        assert (not torch.equal(enc.encode(w, 16000)[0, i], base[0, i])) == should_change, future
+    tl = enc.timeline()
+    tl.push(wave[:6000])
+    first = enc.frames(tl, 0, 6)
+    tl.push(wave[6000:])
+    tl.finish()
+    torch.testing.assert_close(torch.cat([first, enc.frames(tl, 6, 20)], 1), base, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_backbone_weights_are_the_users_and_frozen(backbone_enc, tmp_path):
+    from safetensors.torch import save_file
+    from rest_model.audio import AudioEncoder, build_backbone
+    torch.manual_seed(1)
+    theirs = build_backbone("wav2vec2_base")  # stands in for weights a user converted from a pretrained model
+    save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, tmp_path / "w2v.safetensors")
+    enc = AudioEncoder(backbone_enc.cfg, 25)
+    enc.load_state_dict(backbone_enc.state_dict())
+    wave = speech_like(0.4, 16000)
+    before = enc.encode(wave, 16000)
+    enc.load_backbone_weights(str(tmp_path / "w2v.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(enc.backbone.state_dict().values(), theirs.state_dict().values()))
+    assert not torch.allclose(enc.encode(wave, 16000), before)
+    enc.train()
+    assert not enc.backbone.training and not any(p.requires_grad for p in enc.backbone.parameters())
+    assert enc.layer_mix.requires_grad and enc.proj_in.weight.requires_grad
+    save_file({"x": torch.zeros(3)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="do not fit wav2vec2_base"):
+        enc.load_backbone_weights(str(tmp_path / "other.safetensors"))
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable"):
+        enc.load_backbone_weights(str(tmp_path / "bad.safetensors"))
+
+
+def test_backbone_needs_16khz_and_a_known_name():
+    from rest_model.audio import AudioEncoder
+    from rest_model.config import AudioConfig
+    with pytest.raises(ValueError, match="16000 Hz"):
+        AudioEncoder(AudioConfig(samples_per_frame=480, backbone="hubert_base"), 25)
+    with pytest.raises(ValueError, match="unknown audio backbone"):
+        AudioEncoder(AudioConfig(backbone="whisper"), 25)

@@ -218,3 +218,20 @@ def test_asd_target_is_the_teachers_solve_under_the_asynchronous_schedule(tiny):
     torch.testing.assert_close(three[:, :, :2 * k], three_later[:, :, :2 * k])
     assert not torch.allclose(three[:, :, 2 * k:], three_later[:, :, 2 * k:])
     assert not torch.allclose(three, one)  # the multi-step solve is a different (sharper) target
+
+
+def test_an_audio_backbone_stays_frozen_in_every_stage(tmp_path, capsys):
+    """train-teacher refuses a backbone without the user's weights; make_trainable (stages 3-4) leaves it frozen."""
+    from rest_model.config import preset
+    from rest_model.dit import CausalDiT
+    from rest_model.training import make_trainable
+    cfg = preset("tiny").dit
+    cfg.audio.backbone = "hubert_base"
+    dit = make_trainable(CausalDiT(cfg).requires_grad_(False))
+    enc = dit.audio_encoder
+    assert not any(p.requires_grad for p in enc.backbone.parameters())
+    assert all(p.requires_grad for n, p in dit.named_parameters() if not n.startswith("audio_encoder.backbone."))
+    from rest_model.cli import main
+    assert main(["train-teacher", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--preset", "tiny",
+                 "--vae", str(tmp_path / "v.safetensors"), "--audio-backbone", "wav2vec2_base"]) == 2
+    assert "needs --audio-backbone-weights" in capsys.readouterr().err
