@@ -49,6 +49,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset, get_worker_info
 
+from .jobs import parallel_map
+
 log = logging.getLogger("rest_model.data")
 
 VIDEO_EXTS = (".mp4", ".mov", ".webm", ".mkv", ".m4v", ".avi")
@@ -487,28 +489,7 @@ def prepare(videos: str, out: str, preset_name: str, crop: str = "auto", face_mo
     d = p.dit
     opt = Options(fps=d.fps, resolution=d.resolution, sample_rate=d.fps * d.audio.samples_per_frame, crop=crop,
                   face_model=face_model, face_scale=face_scale, min_seconds=min_seconds, max_seconds=max_seconds)
-    tasks = [(f, root, dst, opt) for f in files]
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(files)))
-    results, t0 = [], time.perf_counter()
-    if jobs == 1:
-        it = map(_prepare_one, tasks)
-        pool = None
-    else:
-        import multiprocessing as mp
-        # spawned, not forked: a fork taken after torch started its thread pool can deadlock the child
-        pool = mp.get_context("spawn").Pool(jobs, initializer=_worker_init)
-        it = pool.imap(_prepare_one, tasks)
-    try:
-        for r in it:
-            results.append(r)
-            if progress:
-                print(f"\r{len(results)}/{len(files)} clips ({time.perf_counter() - t0:.0f} s)", end="", flush=True)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-    if progress:
-        print()
+    results = parallel_map(_prepare_one, [(f, root, dst, opt) for f in files], jobs, progress)
     clips, skipped, lines = [], [], []
     for f, (res, reason) in zip(files, results):
         if res is None:
@@ -529,11 +510,6 @@ def prepare(videos: str, out: str, preset_name: str, crop: str = "auto", face_mo
         json.dump(index, f, indent=1)
     os.replace(tmp, dst / "index.json")
     return index
-
-
-def _worker_init():
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
 
 
 def cmd_prepare(args) -> int:

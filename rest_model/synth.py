@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from .jobs import parallel_map
 from .metrics import audio_mouth_shape
 
 log = logging.getLogger("rest_model.synth")
@@ -715,12 +716,6 @@ def make_clip(out_dir: str, k: int, seed: int, identities: int, seconds: float, 
     return name
 
 
-def _worker_init():
-    import torch
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-
-
 def _make_clip_star(a):
     return make_clip(*a)
 
@@ -746,28 +741,7 @@ def synthesize(out_dir: str, n: int, seconds: float = 5.0, size: int = 128, seed
         raise ValueError(f"--speech must be auto, espeak or babble, got {speech!r}")
     os.makedirs(out_dir, exist_ok=True)
     tasks = [(out_dir, k, seed, identities, seconds, size, speech) for k in range(n)]
-    jobs = max(1, min(jobs or os.cpu_count() or 1, n))
-    names, t0 = [], time.perf_counter()
-    if jobs == 1:
-        it = map(_make_clip_star, tasks)
-        pool = None
-    else:
-        import multiprocessing as mp
-        # spawned, not forked: a fork taken after torch started its thread pool can deadlock the child
-        pool = mp.get_context("spawn").Pool(jobs, initializer=_worker_init)
-        it = pool.imap(_make_clip_star, tasks)
-    try:
-        for name in it:
-            names.append(name)
-            if progress:
-                print(f"\r{len(names)}/{n} clips ({time.perf_counter() - t0:.0f} s)", end="", flush=True)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-    if progress:
-        print()
-    return names
+    return parallel_map(_make_clip_star, tasks, jobs, progress)
 
 
 def cmd_synth(args) -> int:
