@@ -31,12 +31,26 @@ class PatchDiscriminator(nn.Module):
         return self.net(rearrange(video, "b c t h w -> (b t) c h w"))
 
 
+def region_weights(h: int, w: int, face_weight: float = 0.0, mouth_weight: float = 0.0) -> torch.Tensor:
+    """Per-pixel L1 weights [h, w] for face-centred crops: 1 everywhere, + face_weight on the face box,
+    + mouth_weight on the mouth region (the boxes the metrics judge), normalised to mean 1. At a high
+    compression the loss is otherwise spent on the large background, and the small mouth, the part lip-sync
+    lives in, is what blurs away first."""
+    from .metrics import FACE_BOX, MOUTH_ROI
+    wmap = torch.ones(h, w)
+    for (top, bottom, left, right), extra in ((FACE_BOX, face_weight), (MOUTH_ROI, mouth_weight)):
+        wmap[round(top * h):round(bottom * h), round(left * w):round(right * w)] += extra
+    return wmap / wmap.mean()
+
+
 def vae_loss(vae: CausalVAE, video: torch.Tensor, g: torch.Generator, kl_weight: float = 1e-4,
-             disc: PatchDiscriminator | None = None, adv_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+             disc: PatchDiscriminator | None = None, adv_weight: float = 0.0,
+             weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     mean, logvar = vae.encode_dist(video)
     z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g).to(mean)
     rec = vae.decoder(z, CausalPad())
-    l1 = (rec - video).abs().mean()
+    err = (rec - video).abs()
+    l1 = err.mean() if weights is None else (err * weights.to(err)).mean()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
     loss, logs = l1 + kl_weight * kl, {"l1": l1.item(), "kl": kl.item()}
     if disc is not None and adv_weight > 0:
@@ -64,10 +78,14 @@ def cmd_train_vae(args) -> int:
     disc = PatchDiscriminator().to(args.device) if args.adv_weight > 0 else None
     frames = args.chunks * p.dit.stream.chunk_frames * p.vae.temporal_compression
     spf = p.dit.audio.samples_per_frame
+    r = p.dit.resolution
+    weights = region_weights(r, r, args.face_weight, args.mouth_weight).to(args.device) \
+        if args.face_weight or args.mouth_weight else None
 
     def step(i, g):
         video = sample_batch(clips, args.batch, frames, 0, spf, g)["video"].to(args.device)
-        return vae_loss(vae, video, g, args.kl_weight, disc, args.adv_weight if i >= args.adv_start else 0.0)
+        return vae_loss(vae, video, g, args.kl_weight, disc, args.adv_weight if i >= args.adv_start else 0.0,
+                        weights)
 
     def export():
         vae.cfg.scaling_factor = latent_scale(vae, clips, frames, spf)
@@ -83,5 +101,7 @@ def register(sub):
     add_common_args(p)
     p.add_argument("--kl-weight", type=float, default=1e-4)
     p.add_argument("--adv-weight", type=float, default=0.0, help="hinge GAN weight (0 = off)")
+    p.add_argument("--face-weight", type=float, default=0.0, help="extra L1 weight on the face box (0 = off)")
+    p.add_argument("--mouth-weight", type=float, default=0.0, help="extra L1 weight on the mouth region (0 = off)")
     p.add_argument("--adv-start", type=int, default=0, help="step at which the adversarial term starts")
     p.set_defaults(fn=cmd_train_vae)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -97,10 +98,18 @@ class LoopConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup: int = 50
+    min_lr_ratio: float = 0.1  # cosine decay from lr to lr * this at the last step (1 = constant)
     seed: int = 0
     log_every: int = 10
     save_every: int = 200
     grad_clip: float = 1.0
+
+
+def learning_rate(cfg: LoopConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio: a function of the step alone, so resumes agree."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup))
+    frac = min(1.0, step / max(1, cfg.steps - 1))
+    return cfg.lr * warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -158,7 +167,7 @@ def train_loop(stage: str, trainable: dict[str, torch.nn.Module], step_fn: Calla
     for m in trainable.values():
         m.train()
     for step in range(start, cfg.steps):
-        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+        lr = learning_rate(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
         loss, logs = step_fn(step, step_generator(cfg.seed, step))
@@ -227,10 +236,12 @@ def add_common_args(p, needs: tuple[str, ...] = ()):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--chunks", type=int, default=3, help="chunks per training clip")
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay to lr * this (1 = constant)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def loop_config(args) -> LoopConfig:
-    return LoopConfig(steps=args.steps, lr=args.lr, seed=args.seed, save_every=args.save_every)
+    return LoopConfig(steps=args.steps, lr=args.lr, seed=args.seed, save_every=args.save_every,
+                      min_lr_ratio=args.min_lr_ratio)

@@ -13,13 +13,14 @@ mkdir -p "$RUN"
     --seed 0 && touch "$RUN/synth/.done"; }
 [ -f "$RUN/data/index.json" ] || $PY -m rest_model prepare --videos "$RUN/synth" --out "$RUN/data" --preset demo
 common=(--data "$RUN/data" --out "$RUN/ckpt" --preset demo --save-every 100)
-$PY -m rest_model train-vae "${common[@]}" --steps "${VAE_STEPS:-2500}" --batch 4 --chunks 2 --lr 6e-4
+$PY -m rest_model train-vae "${common[@]}" --steps "${VAE_STEPS:-4500}" --batch 4 --chunks 2 --lr 6e-4 \
+    --face-weight 1 --mouth-weight 4
 VAE="$RUN/ckpt/rest_vae.safetensors"
-$PY -m rest_model train-teacher "${common[@]}" --vae "$VAE" --steps "${TEACHER_STEPS:-2000}" --batch 4 --chunks 3 --lr 5e-4
+$PY -m rest_model train-teacher "${common[@]}" --vae "$VAE" --steps "${TEACHER_STEPS:-3000}" --batch 4 --chunks 3 --lr 5e-4
 $PY -m rest_model init-student "${common[@]}" --vae "$VAE" --teacher "$RUN/ckpt/teacher.safetensors" \
-    --steps "${STUDENT_STEPS:-200}" --batch 4 --chunks 3 --lr 2e-4
+    --steps "${STUDENT_STEPS:-250}" --batch 4 --chunks 3 --lr 2e-4
 $PY -m rest_model distill "${common[@]}" --vae "$VAE" --teacher "$RUN/ckpt/teacher.safetensors" \
-    --student "$RUN/ckpt/student_init.safetensors" --steps "${ASD_STEPS:-300}" --batch 4 --chunks 3 --lr 1e-4
+    --student "$RUN/ckpt/student_init.safetensors" --steps "${ASD_STEPS:-350}" --batch 4 --chunks 3 --lr 1e-4
 mkdir -p models/demo
 # float16 storage halves the files (the loaders cast back to float32)
 $PY -m rest_model export --in "$VAE" --out models/demo/rest_vae_demo.safetensors

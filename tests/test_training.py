@@ -11,8 +11,8 @@ from rest_model.cli import random_model
 from rest_model.init_student import init_student_loss, student_rollout
 from rest_model.sampler import flow_schedule
 from rest_model.train_teacher import clip_frames, teacher_loss
-from rest_model.train_vae import PatchDiscriminator, vae_loss
-from rest_model.training import LoopConfig, audio_margin, crop_clip, sample_batch, train_loop
+from rest_model.train_vae import PatchDiscriminator, region_weights, vae_loss
+from rest_model.training import LoopConfig, audio_margin, crop_clip, learning_rate, sample_batch, train_loop
 from conftest import speech_like
 
 SPF = 640
@@ -68,10 +68,11 @@ def test_vae_stage_loss_falls(tmp_path):
     vae, _ = random_model("tiny")
     clips = toy_clips(1, 8)
     disc = PatchDiscriminator(8)
+    weights = region_weights(32, 32, face_weight=1.0, mouth_weight=3.0)
 
     def step(i, g):
         video = sample_batch(clips, 2, 8, 0, SPF, g)["video"]
-        return vae_loss(vae, video, g, disc=disc, adv_weight=0.05 if i > 20 else 0.0)
+        return vae_loss(vae, video, g, disc=disc, adv_weight=0.05 if i > 20 else 0.0, weights=weights)
 
     records = _run("vae", {"vae": vae, "disc": disc}, step, tmp_path, 40)
     _falls(records, "l1")
@@ -151,7 +152,15 @@ def test_resume_from_a_snapshot_equals_an_uninterrupted_run(tmp_path):
     _run("teacher", {"dit": straight}, make_step(vae, straight), tmp_path / "a", 6)
 
     vae, first = fresh()
-    _run("teacher", {"dit": first}, make_step(vae, first), tmp_path / "b", 3, save_every=3)  # "crash" after 3
+    step = make_step(vae, first)
+
+    def crashing(i, g):
+        if i == 4:  # the process dies mid-way through step 5, after the snapshot at step 3
+            raise KeyboardInterrupt
+        return step(i, g)
+
+    with pytest.raises(KeyboardInterrupt):
+        _run("teacher", {"dit": first}, crashing, tmp_path / "b", 6, save_every=3)
     vae, resumed = fresh()  # a new process: weights from scratch, state from the snapshot
     records = _run("teacher", {"dit": resumed}, make_step(vae, resumed), tmp_path / "b", 6, save_every=3)
     assert [r["step"] for r in records] == [4, 5, 6]
@@ -235,3 +244,14 @@ def test_an_audio_backbone_stays_frozen_in_every_stage(tmp_path, capsys):
     assert main(["train-teacher", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--preset", "tiny",
                  "--vae", str(tmp_path / "v.safetensors"), "--audio-backbone", "wav2vec2_base"]) == 2
     assert "needs --audio-backbone-weights" in capsys.readouterr().err
+
+
+def test_region_weights_and_the_learning_rate_schedule():
+    w = region_weights(100, 100, face_weight=1.0, mouth_weight=4.0)
+    assert w.mean().item() == pytest.approx(1.0)
+    assert w[63, 50] > w[40, 50] > w[5, 5]  # mouth > rest of the face > background
+    assert torch.equal(region_weights(8, 8), torch.ones(8, 8))
+    cfg = LoopConfig(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
+    lrs = [learning_rate(cfg, s) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1, rel=0.02) and max(lrs) == pytest.approx(lrs[9], rel=0.01)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1)
