@@ -1,7 +1,6 @@
 """Streaming Sampler: the one rest_model stream loop, with ComfyUI's progress bar, preview and interrupt."""
 from __future__ import annotations
 
-import inspect
 import math
 import time
 
@@ -10,9 +9,6 @@ from ..rest_model.streamer import AudioSource, stream
 from . import host
 from .loaders import precision_errors
 from .payloads import AUDIO, CACHE, CHUNKS, DIT, LatentChunks, placement, source
-
-# a rest_model whose stream() accepts the prebuilt ID-Context Cache skips recomputing the ID-Sink
-STREAM_TAKES_CACHE = "cache" in inspect.signature(stream).parameters
 
 
 def _check_inputs(dit, rc, audio) -> None:
@@ -69,11 +65,10 @@ class RESTStreamingSampler:
             progress.update(chunk.index + 1, chunk.frames[-1] if chunk.frames is not None else None)
             host.check_interrupt()  # raising here stops the stream between chunks
 
-        extra = {"cache": cache.cache} if STREAM_TAKES_CACHE else {}
         t0 = time.perf_counter()
         with precision_errors(dit):
             for _ in stream(cache.vae, dit, cache.portrait, AudioSource.whole(audio.waveform, audio.sample_rate), cfg,
-                            seed=seed, decode=preview, callback=on_chunk, **extra):
+                            seed=seed, decode=preview, callback=on_chunk, id_sink=cache.cache.sink):
                 pass
         return (out, self._report(out, time.perf_counter() - t0, memory, device))
 

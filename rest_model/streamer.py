@@ -23,7 +23,7 @@ import torch
 from .audio import StreamingResampler, check_waveform, chunk_lookahead_frames
 from .config import StreamConfig, check_compatible
 from .dit import CausalDiT, audio_windows
-from .id_context_cache import IDContextCache
+from .id_context_cache import IDContextCache, LayerKV
 from .sampler import flow_schedule, sample_euler
 from .vae import CausalVAE
 
@@ -90,19 +90,25 @@ def chunk_noise(seed: int, index: int, shape, device, dtype) -> torch.Tensor:
 @torch.no_grad()
 def stream(vae: CausalVAE, dit: CausalDiT, portrait: torch.Tensor, audio: AudioSource, cfg: StreamConfig,
            seed: int = 0, decode: bool = True, start_frame: int = 0,
-           callback: Callable[[Chunk], None] | None = None) -> Iterator[Chunk]:
+           callback: Callable[[Chunk], None] | None = None,
+           id_sink: list[LayerKV] | None = None) -> Iterator[Chunk]:
     """Yield the talking-head video chunk by chunk for as long as the audio runs.
 
     `start_frame` is the absolute latent-frame index the stream starts at (positions are relative, so
     it changes nothing but the bookkeeping; a stream hours long behaves like one that just began).
     `callback(chunk)` is called after each chunk: progress bars and interrupts plug in there.
+    `id_sink`: the portrait's ID-Sink K/V when already computed (the ID-Context Cache node), so it is
+    computed once per portrait, not once per run; the Context-Cache always starts empty.
     """
     d = dit.cfg
     k, tc, a = cfg.chunk_frames, d.temporal_compression, d.audio_context
     p = next(dit.parameters())
     enc = dit.audio_encoder
-    ref = prepare_reference(vae, dit, portrait)
-    cache = new_cache(dit, ref, cfg, start_frame)
+    if id_sink is None:
+        cache = new_cache(dit, prepare_reference(vae, dit, portrait), cfg, start_frame)
+    else:
+        check_compatible(vae.cfg, dit.cfg)
+        cache = IDContextCache(id_sink, cfg.context_frames, d.tokens_per_frame, start_frame)
     times = flow_schedule(cfg.steps, cfg.shift, p.device)
     lookahead = chunk_lookahead_frames(d)
 

@@ -402,3 +402,24 @@ def test_half_precision_runs_or_says_to_use_float32(env):
         assert "load the VAE and DiT with dtype float32" in str(e)
     else:
         assert chunks.total_frames == 8
+
+
+def test_sampler_reuses_the_id_sink_the_cache_node_computed(loaded, monkeypatch):
+    """The ID-Sink is computed once per portrait (in ID-Context Cache), not again per sampler run, and the
+    result equals the streamer computing it from the portrait itself."""
+    from rest_model.config import StreamConfig
+    from rest_model.streamer import AudioSource, stream
+    vae, dit = loaded
+    rest_audio, _, _, _ = run("RESTAudioEncode", audio=speech(1.2), dit=dit)  # 4 chunks: the window rolls
+    cache, _ = run("RESTIDContextCache", image=image(), vae=vae, dit=dit, context_frames=3)
+    calls = []
+    real = type(dit).id_sink
+    monkeypatch.setattr(type(dit), "id_sink", lambda self, ref: calls.append(1) or real(self, ref))
+    out, _ = run("RESTStreamingSampler", dit=dit, cache=cache, audio=rest_audio, seed=4, preview=False)
+    assert calls == []
+    direct = [c.latent for c in stream(cache.vae, dit, cache.portrait,
+                                       AudioSource.whole(rest_audio.waveform, rest_audio.sample_rate),
+                                       StreamConfig(chunk_frames=2, context_frames=3, steps=2), seed=4,
+                                       decode=False)]
+    assert calls == [1]
+    torch.testing.assert_close(latents(out), torch.cat(direct, 2), atol=1e-5, rtol=1e-5)
