@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.func import functional_call
 
+from . import checkpoint
 from .config import preset
 from .training import add_common_args, export_model, load_clips, loop_config, sample_batch, train_loop
 from .vae import CausalPad, CausalVAE
@@ -45,8 +46,9 @@ def region_weights(h: int, w: int, face_weight: float = 0.0, mouth_weight: float
 
 def vae_loss(vae: CausalVAE, video: torch.Tensor, g: torch.Generator, kl_weight: float = 1e-4,
              disc: PatchDiscriminator | None = None, adv_weight: float = 0.0,
-             weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    mean, logvar = vae.encode_dist(video)
+             weights: torch.Tensor | None = None, decoder_only: bool = False) -> tuple[torch.Tensor, dict]:
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not decoder_only):
+        mean, logvar = vae.encode_dist(video)
     z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g).to(mean)
     rec = vae.decoder(z, CausalPad())
     err = (rec - video).abs()
@@ -74,7 +76,16 @@ def latent_scale(vae: CausalVAE, clips, frames: int, spf: int, n: int = 8) -> fl
 def cmd_train_vae(args) -> int:
     p = preset(args.preset)
     clips, index = load_clips(args.data)
-    vae = CausalVAE(p.vae).to(args.device)
+    if args.init:
+        vae = checkpoint.load_vae(args.init, args.device).requires_grad_(True)
+        if vae.cfg.latent_channels != p.vae.latent_channels or vae.cfg.spatial_compression != p.vae.spatial_compression:
+            raise ValueError(f"--init {args.init} is not a {args.preset} VAE")
+    else:
+        vae = CausalVAE(p.vae).to(args.device)
+    if args.decoder_only:
+        if not args.init:
+            raise ValueError("--decoder-only fine-tunes the decoder of a trained VAE: give it with --init")
+        vae.encoder.requires_grad_(False)  # latents stay exactly as the DiT saw them
     disc = PatchDiscriminator().to(args.device) if args.adv_weight > 0 else None
     frames = args.chunks * p.dit.stream.chunk_frames * p.vae.temporal_compression
     spf = p.dit.audio.samples_per_frame
@@ -85,10 +96,11 @@ def cmd_train_vae(args) -> int:
     def step(i, g):
         video = sample_batch(clips, args.batch, frames, 0, spf, g)["video"].to(args.device)
         return vae_loss(vae, video, g, args.kl_weight, disc, args.adv_weight if i >= args.adv_start else 0.0,
-                        weights)
+                        weights, args.decoder_only)
 
     def export():
-        vae.cfg.scaling_factor = latent_scale(vae, clips, frames, spf)
+        if not args.decoder_only:  # a frozen encoder keeps its latent scale
+            vae.cfg.scaling_factor = latent_scale(vae, clips, frames, spf)
         export_model(vae, os.path.join(args.out, "rest_vae.safetensors"))
 
     trainable = {"vae": vae} | ({"disc": disc} if disc is not None else {})
@@ -100,6 +112,9 @@ def register(sub):
     p = sub.add_parser("train-vae", help="stage 1: train the causal VAE on a prepared dataset")
     add_common_args(p)
     p.add_argument("--kl-weight", type=float, default=1e-4)
+    p.add_argument("--init", help="start from this VAE checkpoint instead of from scratch")
+    p.add_argument("--decoder-only", action="store_true", help="fine-tune only the decoder of --init: the "
+                   "encoder and so the latents (and any DiT trained on them) stay valid")
     p.add_argument("--adv-weight", type=float, default=0.0, help="hinge GAN weight (0 = off)")
     p.add_argument("--face-weight", type=float, default=0.0, help="extra L1 weight on the face box (0 = off)")
     p.add_argument("--mouth-weight", type=float, default=0.0, help="extra L1 weight on the mouth region (0 = off)")

@@ -255,3 +255,27 @@ def test_region_weights_and_the_learning_rate_schedule():
     lrs = [learning_rate(cfg, s) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1, rel=0.02) and max(lrs) == pytest.approx(lrs[9], rel=0.01)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1)
+
+
+def test_decoder_only_fine_tune_keeps_the_latents(tmp_path):
+    """train-vae --init F --decoder-only: the decoder trains, the encoder (so every latent a DiT was
+    trained on, and the latent scale) stays bit-identical."""
+    import json
+    from safetensors.torch import save_file
+    from rest_model.cli import main
+    vae, _ = random_model("tiny")
+    vae.cfg.scaling_factor = 0.7
+    checkpoint.save(vae, tmp_path / "v.safetensors")
+    data = tmp_path / "data"
+    data.mkdir()
+    video, audio = toy_clips(1, 16)[0]
+    save_file({"video": video, "audio": audio}, data / "c.safetensors")
+    (data / "index.json").write_text(json.dumps({"fps": 25, "resolution": 32, "sample_rate": 16000, "clips": [
+        {"file": "c.safetensors", "identity": "a", "frames": 16, "split": "train"}]}))
+    assert main(["train-vae", "--data", str(data), "--out", str(tmp_path / "run"), "--preset", "tiny", "--steps", "3",
+                 "--batch", "1", "--chunks", "1", "--lr", "1e-2", "--init", str(tmp_path / "v.safetensors"),
+                 "--decoder-only", "--device", "cpu"]) == 0
+    tuned = checkpoint.load_vae(tmp_path / "run" / "rest_vae.safetensors")
+    assert tuned.cfg.scaling_factor == 0.7
+    for (k, a), b in zip(vae.state_dict().items(), tuned.state_dict().values()):
+        assert torch.equal(a, b) == k.startswith("encoder."), k
