@@ -20,7 +20,7 @@ $PY -m rest_model train-teacher "${common[@]}" --vae "$VAE" --steps "${TEACHER_S
 $PY -m rest_model init-student "${common[@]}" --vae "$VAE" --teacher "$RUN/ckpt/teacher.safetensors" \
     --steps "${STUDENT_STEPS:-250}" --batch 4 --chunks 3 --lr 2e-4
 $PY -m rest_model distill "${common[@]}" --vae "$VAE" --teacher "$RUN/ckpt/teacher.safetensors" \
-    --student "$RUN/ckpt/student_init.safetensors" --steps "${ASD_STEPS:-350}" --batch 4 --chunks 3 --lr 1e-4
+    --student "$RUN/ckpt/student_init.safetensors" --steps "${ASD_STEPS:-250}" --batch 4 --chunks 3 --lr 1e-4
 mkdir -p models/demo
 # float16 storage halves the files (the loaders cast back to float32)
 $PY -m rest_model export --in "$VAE" --out models/demo/rest_vae_demo.safetensors
