@@ -96,6 +96,8 @@ def bench_long(args):
     print(f"[long] {len(chunks)} chunks ({frames} frames, {frames / dit.cfg.fps / 60:.1f} min of video), live audio in 0.1 s pieces")
     print(f"[long] mean chunk cost: chunks 10-110 {first * 1e3:.1f} ms, last 100 {last * 1e3:.1f} ms, "
           f"ratio last/early {last / first:.3f} (target <= 1.10)")
+    blocks = [f"{dts[i:i + 100].mean().item() * 1e3:.0f}" for i in range(0, len(dts) - 99, 100)]
+    print(f"[long] mean ms per block of 100 chunks: {' '.join(blocks)} (a trend here is growth; scatter is machine noise)")
     print(f"[long] carried state: chunk 10 {chunks[10][0] / 1024:.1f} KiB, last {chunks[-2][0] / 1024:.1f} KiB; "
           f"resident memory at chunk 10 {chunks[10][1]:.0f} MiB, at chunk {len(chunks)} {chunks[-1][1]:.0f} MiB, "
           f"peak over chunks 10+ {max(m for _, m in chunks[10:]):.0f} MiB")
