@@ -57,7 +57,7 @@ class TestClip:
 @dataclass
 class Row:
     name: str
-    kind: str  # "ground truth" | "streaming" | "teacher (non-streaming)"
+    kind: str  # "ground truth" | "VAE ceiling" | "streaming" | "teacher (non-streaming)"
     sync: list = field(default_factory=list)
     offset: list = field(default_factory=list)
     conf: list = field(default_factory=list)
@@ -207,6 +207,23 @@ def long_stream(vae, dit, clips: list[TestClip], sr: int, minutes: float, seed: 
             "long_frames": n, "expected_frames": int(n_total)}
 
 
+@torch.no_grad()
+def vae_ceiling(vae, clips: list[TestClip], sr: int, fps: int, max_offset: int) -> Row:
+    """The ground truth through the VAE (encode + decode): the best lip-sync and flicker any DiT can reach
+    with this VAE, so a low score can be put on the VAE or on the DiT."""
+    row = Row("VAE reconstruction", "VAE ceiling")
+    p = next(vae.parameters())
+    for c in clips:
+        x = torch.from_numpy(c.frames).to(p.device).permute(3, 0, 1, 2)[None].to(p.dtype) / 127.5 - 1
+        pad = -x.shape[2] % vae.cfg.temporal_compression  # whole latent frames: repeat the last frame
+        x = torch.cat([x, x[:, :, -1:].expand(-1, -1, pad, -1, -1)], 2)
+        rec = _to_uint8(vae.decode(vae.encode(x))[0].transpose(0, 1))[: len(c.frames)]
+        r = metrics.lip_sync(rec, c.audio[: len(rec) * (sr // fps)], sr, fps, max_offset)
+        row.sync.append(r.score), row.offset.append(r.offset), row.conf.append(r.confidence)
+        row.flicker.append(metrics.flicker(rec, c.mask))
+    return row
+
+
 # ---------------------------------------------------------------------------------------------
 # metric check and the report
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +302,7 @@ def evaluate(vae_path: str, dit_paths: list[str], data: str, teacher: str | None
         gt.flicker.append(metrics.flicker(c.frames, c.mask))
     sim = metrics.face_similarity(clips[0].frames[1:fps + 1], clips[0].frames[0])
     gt.long = {"id_psnr_start": sim["psnr"], "id_ssim_start": sim["ssim"]}
-    rows = [gt.summary()]
+    rows = [gt.summary(), vae_ceiling(vae, clips, sr, fps, max_offset).summary()]
     for path in dit_paths:
         dit = first_dit if path == dit_paths[0] else checkpoint.load_dit(path, device)
         try:

@@ -151,9 +151,10 @@ def test_eval_command_side_by_side(tiny, tiny_dataset, tmp_path, capsys):
     assert rc == 0, out
     assert "metric check" in out and "teacher (non-streaming)" in out and "streaming" in out
     report = json.loads((tmp_path / "report.json").read_text())
-    gt, teacher, student = report["models"]
+    gt, ceiling, teacher, student = report["models"]
     assert gt["kind"] == "ground truth" and teacher["name"] == "teacher" and student["name"] == "student"
-    for row in (teacher, student):
+    assert ceiling["kind"] == "VAE ceiling" and "VAE reconstruction" in out
+    for row in (ceiling, teacher, student):
         assert -1 <= row["sync"] <= 1 and row["flicker"] >= 0
     assert "id_psnr_end" not in teacher  # the teacher cannot stream
     assert student["long_frames"] == student["expected_frames"] == 60  # 0.04 min at 25 fps
