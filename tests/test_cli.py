@@ -111,3 +111,13 @@ def test_unreadable_image(tmp_path):
     p.write_bytes(b"\x89PNG broken")
     with pytest.raises(ValueError, match="x.png is not a readable image"):
         media.load_image(p)
+
+
+def test_the_bundled_demo_model_is_a_loadable_pair_within_budget():
+    """What README's main job and the workflows run: both files present, a matching pair, <= 50 MB."""
+    from rest_model import checkpoint
+    from rest_model.cli import DEMO_DIT, DEMO_VAE
+    assert DEMO_VAE.stat().st_size + DEMO_DIT.stat().st_size <= 50e6
+    vae, dit = checkpoint.load_pair(DEMO_VAE, DEMO_DIT)
+    assert dit.cfg.resolution == 128 and dit.cfg.fps == 25 and dit.cfg.stream.steps == 2
+    assert next(dit.parameters()).dtype == torch.float32  # stored float16, run float32

@@ -218,7 +218,8 @@ def test_models_rest_registered_with_folder_paths_keeping_extra_model_paths(mode
     assert exts == {".safetensors"}
     assert (Path(fp.models_dir) / "rest").is_dir()
     choices = load_pack().NODE_CLASS_MAPPINGS["RESTLoadVAE"].INPUT_TYPES()["required"]["vae_name"][0]
-    assert choices == ["tiny_vae.safetensors"]
+    # the extra path's model and the bundled demo model; never the non-model file
+    assert set(choices) == {"tiny_vae.safetensors"} | {p.name for p in host.DEMO_DIR.glob("*.safetensors")}
     vae, = run("RESTLoadVAE", vae_name="tiny_vae.safetensors")
     assert vae.rest_file == str(extra / "tiny_vae.safetensors")
 
