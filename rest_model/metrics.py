@@ -204,14 +204,20 @@ def shift_audio(wave, samples: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # identity retention and temporal stability
 # ---------------------------------------------------------------------------------------------
-def psnr(a, b, box=None) -> float:
-    """PSNR (dB, peak 255) between two frames [H, W, 3], over `box` (fractions) or the whole frame."""
+def _paired(a, b, box=None) -> tuple[np.ndarray, np.ndarray]:
+    """Two frames [H, W, 3] as float, cut to `box` (fractions of the frame) when given."""
     x, y = _as_float_frames(a)[0], _as_float_frames(b)[0]
     if x.shape != y.shape:
         raise ValueError(f"frames differ in shape: {x.shape} vs {y.shape}")
     if box is not None:
         ys, xs = _box(x.shape[:2], box)
         x, y = x[ys, xs], y[ys, xs]
+    return x, y
+
+
+def psnr(a, b, box=None) -> float:
+    """PSNR (dB, peak 255) between two frames [H, W, 3], over `box` (fractions) or the whole frame."""
+    x, y = _paired(a, b, box)
     mse = float(((x - y) ** 2).mean())
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
@@ -219,12 +225,7 @@ def psnr(a, b, box=None) -> float:
 def ssim(a, b, box=None) -> float:
     """SSIM (Wang et al. 2004: Gaussian window sigma 1.5, K1 0.01, K2 0.03) on luminance."""
     import cv2
-    x, y = _as_float_frames(a)[0], _as_float_frames(b)[0]
-    if x.shape != y.shape:
-        raise ValueError(f"frames differ in shape: {x.shape} vs {y.shape}")
-    if box is not None:
-        ys, xs = _box(x.shape[:2], box)
-        x, y = x[ys, xs], y[ys, xs]
+    x, y = _paired(a, b, box)
     w = np.array([0.299, 0.587, 0.114], dtype=np.float32)
     x, y = (x @ w).astype(np.float64), (y @ w).astype(np.float64)
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
