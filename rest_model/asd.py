@@ -80,7 +80,7 @@ def asd_loss(student, teacher, vae, batch, margin, g, t_ctx: float = 0.1, t_min:
     target = asd_targets(teacher, out.detach(), ref, wt, g, t_ctx, t_min, t_max, solve_steps)
     asd = (out - target).pow(2).mean()
     real = teacher_forced_fm(student, x0, ref, ws, g)
-    return asd + real_weight * real, {"asd": float(asd), "fm": float(real)}
+    return asd + real_weight * real, {"asd": asd.item(), "fm": real.item()}
 
 
 def cmd_distill(args) -> int:

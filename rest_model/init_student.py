@@ -87,7 +87,7 @@ def init_student_loss(student, teacher, vae, batch, margin, g, teacher_steps: in
     pred = student_rollout(student, ref, ws, e, flow_schedule(s.steps, s.shift), context=target, grad_steps=s.steps)
     ode = (pred - target).pow(2).mean()
     fm = teacher_forced_fm(student, x0, ref, ws, g)
-    return ode + fm_weight * fm, {"ode": float(ode), "fm": float(fm)}
+    return ode + fm_weight * fm, {"ode": ode.item(), "fm": fm.item()}
 
 
 def cmd_init_student(args) -> int:

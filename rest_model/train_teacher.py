@@ -43,7 +43,7 @@ def teacher_loss(dit: CausalDiT, vae: CausalVAE, batch: dict, margin: int, g: to
     windows = drop_audio(dit, clip_audio_windows(dit, batch["audio"].to(device), margin, n), audio_drop, g)
     t = chunked_times(b, n, dit.cfg.stream.chunk_frames, g)
     loss = flow_matching_loss(dit, x0, ref, windows, t, g)
-    return loss, {"fm": float(loss)}
+    return loss, {"fm": loss.item()}
 
 
 def clip_frames(dit_cfg, chunks: int) -> int:

@@ -60,7 +60,7 @@ def vae_loss(vae: CausalVAE, video: torch.Tensor, g: torch.Generator, kl_weight:
         g_adv = -functional_call(disc, frozen, (rec,)).mean()
         d_loss = F.relu(1 - disc(video)).mean() + F.relu(1 + disc(rec.detach())).mean()
         loss = loss + adv_weight * g_adv + d_loss
-        logs.update(g_adv=float(g_adv), d_loss=float(d_loss))
+        logs.update(g_adv=g_adv.item(), d_loss=d_loss.item())
     return loss, logs
 
 

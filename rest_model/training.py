@@ -175,7 +175,7 @@ def train_loop(stage: str, trainable: dict[str, torch.nn.Module], step_fn: Calla
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        rec = {"step": step + 1, "loss": float(loss), "grad_norm": float(grad_norm), "lr": lr, **logs}
+        rec = {"step": step + 1, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr, **logs}
         records.append(rec)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             with open(log_path, "a") as f:
@@ -184,7 +184,7 @@ def train_loop(stage: str, trainable: dict[str, torch.nn.Module], step_fn: Calla
                 rate = (step + 1 - start) / (time.perf_counter() - t0)
                 eta = (cfg.steps - step - 1) / max(rate, 1e-9)
                 extra = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
-                print(f"[{stage}] step {step + 1}/{cfg.steps} loss={float(loss):.4g} {extra} "
+                print(f"[{stage}] step {step + 1}/{cfg.steps} loss={rec['loss']:.4g} {extra} "
                       f"({rate:.2f} it/s, eta {eta / 60:.1f} min)", file=sys.stderr, flush=True)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_state(state_path, trainable, opt, step + 1)
