@@ -26,12 +26,10 @@ import os
 
 import torch
 
-from . import checkpoint
-from .init_student import student_rollout, teacher_forced_fm
+from .init_student import load_student_stage, student_rollout, teacher_forced_fm
 from .sampler import flow_schedule
-from .train_teacher import clip_frames, encode_batch
-from .training import (add_common_args, audio_margin, clip_audio_windows, export_model, load_clips,
-                       loop_config, make_trainable, sample_batch, train_loop)
+from .train_teacher import encode_batch
+from .training import add_common_args, clip_audio_windows, clip_sampler, export_model, loop_config, train_loop
 
 
 def asynchronous_times(n_frames: int, chunk: int, j: int, t_ctx: float, t_j: torch.Tensor) -> torch.Tensor:
@@ -84,16 +82,11 @@ def asd_loss(student, teacher, vae, batch, margin, g, t_ctx: float = 0.1, t_min:
 
 
 def cmd_distill(args) -> int:
-    vae = checkpoint.load_vae(args.vae, args.device)
-    teacher = checkpoint.load_dit(args.teacher, args.device)
-    student = make_trainable(checkpoint.load_dit(args.student, args.device))
-    clips, _ = load_clips(args.data)
-    margin, frames = audio_margin(student.cfg), clip_frames(student.cfg, args.chunks)
-    spf = student.cfg.audio.samples_per_frame
+    vae, teacher, student = load_student_stage(args, args.student)
+    draw, margin = clip_sampler(args, student.cfg)
 
     def step(i, g):
-        batch = sample_batch(clips, args.batch, frames, margin, spf, g)
-        return asd_loss(student, teacher, vae, batch, margin, g, args.t_ctx, args.t_min, args.t_max,
+        return asd_loss(student, teacher, vae, draw(g), margin, g, args.t_ctx, args.t_min, args.t_max,
                         args.real_weight, args.solve_steps)
 
     train_loop("asd", {"dit": student}, step, args.out, loop_config(args),

@@ -15,20 +15,11 @@ import torch
 
 from . import checkpoint
 from .dit import CausalDiT
-from .id_context_cache import IDContextCache
 from .sampler import flow_schedule, sample_clip, sample_euler
-from .train_teacher import clip_frames, encode_batch
-from .training import (add_common_args, audio_margin, clip_audio_windows, drop_audio, export_model, load_clips,
-                       loop_config, make_trainable, sample_batch, train_loop)
-
-
-def _cache(dit: CausalDiT, ref: torch.Tensor) -> IDContextCache:
-    return IDContextCache(dit.id_sink(ref), dit.cfg.stream.context_frames, dit.cfg.tokens_per_frame)
-
-
-def _commit(dit, cache, latent, audio):
-    b, k = latent.shape[0], latent.shape[2]
-    cache.append(dit.chunk(latent, torch.zeros(b, k, device=latent.device), audio, cache)[1], k)
+from .streamer import commit_chunk, new_cache
+from .train_teacher import encode_batch
+from .training import (add_common_args, clip_audio_windows, clip_sampler, drop_audio, export_model, loop_config,
+                       make_trainable, train_loop)
 
 
 def student_rollout(dit: CausalDiT, ref, windows, noise, times, context: torch.Tensor | None = None,
@@ -37,7 +28,7 @@ def student_rollout(dit: CausalDiT, ref, windows, noise, times, context: torch.T
     Euler steps of each chunk. The cache receives the student's own outputs (detached), or `context`
     (e.g. the teacher's solution) when given. Returns x_0 [B, Cz, n, h, w]."""
     k, b = dit.cfg.stream.chunk_frames, noise.shape[0]
-    cache, outs = _cache(dit, ref), []
+    cache, outs = new_cache(dit, ref, dit.cfg.stream), []
     split = len(times) - 1 - grad_steps
     for j in range(0, noise.shape[2], k):
         a = windows[:, j:j + k]
@@ -50,14 +41,14 @@ def student_rollout(dit: CausalDiT, ref, windows, noise, times, context: torch.T
         x = sample_euler(velocity, x, times[split:])
         outs.append(x)
         with torch.no_grad():
-            _commit(dit, cache, (context[:, :, j:j + k] if context is not None else x).detach(), a)
+            commit_chunk(dit, cache, (context[:, :, j:j + k] if context is not None else x).detach(), a)
     return torch.cat(outs, 2)
 
 
 def teacher_forced_fm(dit: CausalDiT, x0, ref, windows, g) -> torch.Tensor:
     """Flow matching of each chunk with the real earlier chunks, clean, in the cache."""
     k, b = dit.cfg.stream.chunk_frames, x0.shape[0]
-    cache, loss = _cache(dit, ref), 0.0
+    cache, loss = new_cache(dit, ref, dit.cfg.stream), 0.0
     n_chunks = -(-x0.shape[2] // k)
     for j in range(0, x0.shape[2], k):
         x, a = x0[:, :, j:j + k], windows[:, j:j + k]
@@ -67,7 +58,7 @@ def teacher_forced_fm(dit: CausalDiT, x0, ref, windows, g) -> torch.Tensor:
         v = dit.chunk((1 - tt) * x + tt * e, t, a, cache)[0]
         loss = loss + (v - (e - x)).pow(2).mean() / n_chunks
         with torch.no_grad():
-            _commit(dit, cache, x, a)
+            commit_chunk(dit, cache, x, a)
     return loss
 
 
@@ -90,17 +81,19 @@ def init_student_loss(student, teacher, vae, batch, margin, g, teacher_steps: in
     return ode + fm_weight * fm, {"ode": ode.item(), "fm": fm.item()}
 
 
+def load_student_stage(args, student_path: str):
+    """VAE, frozen teacher and trainable student of stages 3-4, refusing a teacher that does not fit the VAE."""
+    vae, teacher = checkpoint.load_pair(args.vae, args.teacher, args.device)
+    student = make_trainable(checkpoint.load_dit(student_path, args.device))
+    return vae, teacher, student
+
+
 def cmd_init_student(args) -> int:
-    vae = checkpoint.load_vae(args.vae, args.device)
-    teacher = checkpoint.load_dit(args.teacher, args.device)
-    student = make_trainable(checkpoint.load_dit(args.teacher, args.device))  # same weights to start
-    clips, _ = load_clips(args.data)
-    margin, frames = audio_margin(student.cfg), clip_frames(student.cfg, args.chunks)
-    spf = student.cfg.audio.samples_per_frame
+    vae, teacher, student = load_student_stage(args, args.teacher)  # the student starts as the teacher
+    draw, margin = clip_sampler(args, student.cfg)
 
     def step(i, g):
-        batch = sample_batch(clips, args.batch, frames, margin, spf, g)
-        return init_student_loss(student, teacher, vae, batch, margin, g, args.teacher_steps)
+        return init_student_loss(student, teacher, vae, draw(g), margin, g, args.teacher_steps)
 
     train_loop("student", {"dit": student}, step, args.out, loop_config(args),
                lambda: export_model(student, os.path.join(args.out, "student_init.safetensors")))

@@ -76,9 +76,14 @@ def generate_chunk(dit: CausalDiT, cache: IDContextCache, noise: torch.Tensor, a
         return dit.chunk(x, t.expand(b, k), audio, cache)[0]
 
     x0 = sample_euler(velocity, noise, times)
-    _, kvs = dit.chunk(x0, torch.zeros(b, k, device=x0.device), audio, cache)
-    cache.append(kvs, k)
+    commit_chunk(dit, cache, x0, audio)
     return x0
+
+
+def commit_chunk(dit: CausalDiT, cache: IDContextCache, x0: torch.Tensor, audio: torch.Tensor) -> None:
+    """Run a finished (clean) chunk once at t = 0 and append its K/V to the Context-Cache."""
+    b, k = x0.shape[0], x0.shape[2]
+    cache.append(dit.chunk(x0, torch.zeros(b, k, device=x0.device), audio, cache)[1], k)
 
 
 def chunk_noise(seed: int, index: int, shape, device, dtype) -> torch.Tensor:
@@ -104,11 +109,10 @@ def stream(vae: CausalVAE, dit: CausalDiT, portrait: torch.Tensor, audio: AudioS
     k, tc, a = cfg.chunk_frames, d.temporal_compression, d.audio_context
     p = next(dit.parameters())
     enc = dit.audio_encoder
+    check_compatible(vae.cfg, dit.cfg)
     if id_sink is None:
-        cache = new_cache(dit, prepare_reference(vae, dit, portrait), cfg, start_frame)
-    else:
-        check_compatible(vae.cfg, dit.cfg)
-        cache = IDContextCache(id_sink, cfg.context_frames, d.tokens_per_frame, start_frame)
+        id_sink = dit.id_sink(prepare_reference(vae, dit, portrait))
+    cache = IDContextCache(id_sink, cfg.context_frames, d.tokens_per_frame, start_frame)
     times = flow_schedule(cfg.steps, cfg.shift, p.device)
     lookahead = chunk_lookahead_frames(d)
 

@@ -15,8 +15,8 @@ import torch
 from . import checkpoint
 from .config import check_compatible, preset
 from .dit import CausalDiT
-from .training import (add_common_args, audio_margin, chunked_times, clip_audio_windows, drop_audio,
-                       export_model, load_clips, loop_config, sample_batch, train_loop)
+from .training import (add_common_args, chunked_times, clip_audio_windows, clip_sampler,
+                       drop_audio, export_model, loop_config, train_loop)
 from .vae import CausalVAE
 
 
@@ -46,10 +46,6 @@ def teacher_loss(dit: CausalDiT, vae: CausalVAE, batch: dict, margin: int, g: to
     return loss, {"fm": loss.item()}
 
 
-def clip_frames(dit_cfg, chunks: int) -> int:
-    return chunks * dit_cfg.stream.chunk_frames * dit_cfg.temporal_compression
-
-
 def cmd_train_teacher(args) -> int:
     if args.audio_backbone != "mel" and not args.audio_backbone_weights:
         raise ValueError(f"--audio-backbone {args.audio_backbone} needs --audio-backbone-weights (a .safetensors "
@@ -62,12 +58,10 @@ def cmd_train_teacher(args) -> int:
         dit.audio_encoder.load_backbone_weights(args.audio_backbone_weights)
     dit.to(args.device)
     check_compatible(vae.cfg, dit.cfg)
-    clips, _ = load_clips(args.data)
-    margin, frames = audio_margin(dit.cfg), clip_frames(dit.cfg, args.chunks)
-    spf = dit.cfg.audio.samples_per_frame
+    draw, margin = clip_sampler(args, dit.cfg)
 
     def step(i, g):
-        return teacher_loss(dit, vae, sample_batch(clips, args.batch, frames, margin, spf, g), margin, g)
+        return teacher_loss(dit, vae, draw(g), margin, g)
 
     train_loop("teacher", {"dit": dit}, step, args.out, loop_config(args),
                lambda: export_model(dit, os.path.join(args.out, "teacher.safetensors")))

@@ -56,6 +56,11 @@ def crop_clip(video: torch.Tensor, audio: torch.Tensor, frames: int, margin: int
             "ref": to_float(video[r]).permute(2, 0, 1)}
 
 
+def clip_frames(cfg: DiTConfig, chunks: int) -> int:
+    """Video frames of a training clip of `chunks` chunks."""
+    return chunks * cfg.stream.chunk_frames * cfg.temporal_compression
+
+
 def sample_batch(clips, batch: int, frames: int, margin: int, spf: int, g: torch.Generator) -> dict:
     """A batch of random crops; `clips` is a sequence of (video uint8 [T, H, W, 3], audio [T * spf])."""
     items = [crop_clip(*clips[int(torch.randint(len(clips), (1,), generator=g))], frames, margin, spf, g)
@@ -240,6 +245,13 @@ def add_common_args(p, needs: tuple[str, ...] = ()):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def clip_sampler(args, cfg: DiTConfig) -> tuple[Callable[[torch.Generator], dict], int]:
+    """A DiT stage's batches from --data/--batch/--chunks: (draw(g) -> batch, audio margin in frames)."""
+    clips, _ = load_clips(args.data)
+    margin, frames, spf = audio_margin(cfg), clip_frames(cfg, args.chunks), cfg.audio.samples_per_frame
+    return (lambda g: sample_batch(clips, args.batch, frames, margin, spf, g)), margin
 
 
 def loop_config(args) -> LoopConfig:

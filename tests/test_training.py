@@ -10,9 +10,10 @@ from rest_model.asd import asd_loss, asynchronous_times
 from rest_model.cli import random_model
 from rest_model.init_student import init_student_loss, student_rollout
 from rest_model.sampler import flow_schedule
-from rest_model.train_teacher import clip_frames, teacher_loss
+from rest_model.train_teacher import teacher_loss
 from rest_model.train_vae import PatchDiscriminator, region_weights, vae_loss
-from rest_model.training import LoopConfig, audio_margin, crop_clip, learning_rate, sample_batch, train_loop
+from rest_model.training import (LoopConfig, audio_margin, clip_frames, crop_clip, learning_rate, sample_batch,
+                                 train_loop)
 from conftest import speech_like
 
 SPF = 640
@@ -279,3 +280,21 @@ def test_decoder_only_fine_tune_keeps_the_latents(tmp_path):
     assert tuned.cfg.scaling_factor == 0.7
     for (k, a), b in zip(vae.state_dict().items(), tuned.state_dict().values()):
         assert torch.equal(a, b) == k.startswith("encoder."), k
+
+
+def test_student_stages_refuse_a_teacher_that_does_not_fit_the_vae(tmp_path, capsys):
+    """init-student / distill name both files when the teacher was trained on another latent layout."""
+    from rest_model.cli import main
+    from rest_model.config import preset
+    from rest_model.vae import CausalVAE
+    _, teacher = random_model("tiny")
+    other = preset("tiny").vae
+    other.latent_channels = 4
+    checkpoint.save(CausalVAE(other), tmp_path / "v.safetensors")
+    checkpoint.save(teacher, tmp_path / "t.safetensors")
+    common = ["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--preset", "tiny",
+              "--vae", str(tmp_path / "v.safetensors"), "--teacher", str(tmp_path / "t.safetensors")]
+    assert main(["init-student", *common]) == 2
+    assert main(["distill", *common, "--student", str(tmp_path / "t.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("t.safetensors does not fit") == 2 and "v.safetensors" in err
