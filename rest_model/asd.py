@@ -29,7 +29,8 @@ import torch
 from .init_student import load_student_stage, student_rollout, teacher_forced_fm
 from .sampler import flow_schedule
 from .train_teacher import encode_batch
-from .training import add_common_args, clip_audio_windows, clip_sampler, export_model, loop_config, train_loop
+from .training import (add_common_args, add_mouth_weight_arg, clip_audio_windows, clip_sampler, export_model,
+                       latent_mouth_weights, loop_config, train_loop, weighted_mse)
 
 
 def asynchronous_times(n_frames: int, chunk: int, j: int, t_ctx: float, t_j: torch.Tensor) -> torch.Tensor:
@@ -65,7 +66,8 @@ def asd_targets(teacher, student_out, ref, windows, g, t_ctx: float, t_min: floa
 
 
 def asd_loss(student, teacher, vae, batch, margin, g, t_ctx: float = 0.1, t_min: float = 0.2,
-             t_max: float = 0.7, real_weight: float = 0.25, solve_steps: int = 1) -> tuple[torch.Tensor, dict]:
+             t_max: float = 0.7, real_weight: float = 0.25, solve_steps: int = 1,
+             weights=None) -> tuple[torch.Tensor, dict]:
     device = next(student.parameters()).device
     x0, ref = encode_batch(vae, batch, device)
     n = x0.shape[2]
@@ -76,18 +78,19 @@ def asd_loss(student, teacher, vae, batch, margin, g, t_ctx: float = 0.1, t_min:
     e = torch.randn(x0.shape, generator=g).to(x0)
     out = student_rollout(student, ref, ws, e, flow_schedule(s.steps, s.shift), grad_steps=1)
     target = asd_targets(teacher, out.detach(), ref, wt, g, t_ctx, t_min, t_max, solve_steps)
-    asd = (out - target).pow(2).mean()
-    real = teacher_forced_fm(student, x0, ref, ws, g)
+    asd = weighted_mse(out, target, weights)
+    real = teacher_forced_fm(student, x0, ref, ws, g, weights)
     return asd + real_weight * real, {"asd": asd.item(), "fm": real.item()}
 
 
 def cmd_distill(args) -> int:
     vae, teacher, student = load_student_stage(args, args.student)
     draw, margin = clip_sampler(args, student.cfg)
+    weights = latent_mouth_weights(student.cfg, args.mouth_weight)
 
     def step(i, g):
         return asd_loss(student, teacher, vae, draw(g), margin, g, args.t_ctx, args.t_min, args.t_max,
-                        args.real_weight, args.solve_steps)
+                        args.real_weight, args.solve_steps, weights)
 
     train_loop("asd", {"dit": student}, step, args.out, loop_config(args),
                lambda: export_model(student, os.path.join(args.out, "student_asd.safetensors")))
@@ -102,4 +105,5 @@ def register(sub):
     p.add_argument("--t-max", type=float, default=0.7)
     p.add_argument("--solve-steps", type=int, default=3, help="teacher Euler steps from t_j to 0 for the target")
     p.add_argument("--real-weight", type=float, default=0.25, help="teacher-forced flow matching on real clips")
+    add_mouth_weight_arg(p)
     p.set_defaults(fn=cmd_distill)

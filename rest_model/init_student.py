@@ -18,8 +18,8 @@ from .dit import CausalDiT
 from .sampler import flow_schedule, sample_clip, sample_euler
 from .streamer import commit_chunk, new_cache
 from .train_teacher import encode_batch
-from .training import (add_common_args, clip_audio_windows, clip_sampler, drop_audio, export_model, loop_config,
-                       make_trainable, train_loop)
+from .training import (add_common_args, add_mouth_weight_arg, clip_audio_windows, clip_sampler, drop_audio,
+                       export_model, latent_mouth_weights, loop_config, make_trainable, train_loop, weighted_mse)
 
 
 def student_rollout(dit: CausalDiT, ref, windows, noise, times, context: torch.Tensor | None = None,
@@ -45,7 +45,7 @@ def student_rollout(dit: CausalDiT, ref, windows, noise, times, context: torch.T
     return torch.cat(outs, 2)
 
 
-def teacher_forced_fm(dit: CausalDiT, x0, ref, windows, g) -> torch.Tensor:
+def teacher_forced_fm(dit: CausalDiT, x0, ref, windows, g, weights=None) -> torch.Tensor:
     """Flow matching of each chunk with the real earlier chunks, clean, in the cache."""
     k, b = dit.cfg.stream.chunk_frames, x0.shape[0]
     cache, loss = new_cache(dit, ref, dit.cfg.stream), 0.0
@@ -56,14 +56,14 @@ def teacher_forced_fm(dit: CausalDiT, x0, ref, windows, g) -> torch.Tensor:
         e = torch.randn(x.shape, generator=g).to(x)
         tt = t[:, None, :, None, None]
         v = dit.chunk((1 - tt) * x + tt * e, t, a, cache)[0]
-        loss = loss + (v - (e - x)).pow(2).mean() / n_chunks
+        loss = loss + weighted_mse(v, e - x, weights) / n_chunks
         with torch.no_grad():
             commit_chunk(dit, cache, x, a)
     return loss
 
 
 def init_student_loss(student, teacher, vae, batch, margin, g, teacher_steps: int = 8,
-                      fm_weight: float = 0.5, audio_drop: float = 0.1) -> tuple[torch.Tensor, dict]:
+                      fm_weight: float = 0.5, audio_drop: float = 0.1, weights=None) -> tuple[torch.Tensor, dict]:
     device = next(student.parameters()).device
     x0, ref = encode_batch(vae, batch, device)
     n = x0.shape[2]
@@ -76,8 +76,8 @@ def init_student_loss(student, teacher, vae, batch, margin, g, teacher_steps: in
         target = sample_clip(teacher, ref, wt, e, flow_schedule(teacher_steps))
     s = student.cfg.stream
     pred = student_rollout(student, ref, ws, e, flow_schedule(s.steps, s.shift), context=target, grad_steps=s.steps)
-    ode = (pred - target).pow(2).mean()
-    fm = teacher_forced_fm(student, x0, ref, ws, g)
+    ode = weighted_mse(pred, target, weights)
+    fm = teacher_forced_fm(student, x0, ref, ws, g, weights)
     return ode + fm_weight * fm, {"ode": ode.item(), "fm": fm.item()}
 
 
@@ -91,9 +91,10 @@ def load_student_stage(args, student_path: str):
 def cmd_init_student(args) -> int:
     vae, teacher, student = load_student_stage(args, args.teacher)  # the student starts as the teacher
     draw, margin = clip_sampler(args, student.cfg)
+    weights = latent_mouth_weights(student.cfg, args.mouth_weight)
 
     def step(i, g):
-        return init_student_loss(student, teacher, vae, draw(g), margin, g, args.teacher_steps)
+        return init_student_loss(student, teacher, vae, draw(g), margin, g, args.teacher_steps, weights=weights)
 
     train_loop("student", {"dit": student}, step, args.out, loop_config(args),
                lambda: export_model(student, os.path.join(args.out, "student_init.safetensors")))
@@ -104,4 +105,5 @@ def register(sub):
     p = sub.add_parser("init-student", help="stage 3: causal 2-step student from the teacher (ODE regression)")
     add_common_args(p, needs=("vae", "teacher"))
     p.add_argument("--teacher-steps", type=int, default=8, help="Euler steps of the teacher's ODE solve")
+    add_mouth_weight_arg(p)
     p.set_defaults(fn=cmd_init_student)

@@ -15,8 +15,8 @@ import torch
 from . import checkpoint
 from .config import check_compatible, preset
 from .dit import CausalDiT
-from .training import (add_common_args, chunked_times, clip_audio_windows, clip_sampler,
-                       drop_audio, export_model, loop_config, train_loop)
+from .training import (add_common_args, add_mouth_weight_arg, chunked_times, clip_audio_windows, clip_sampler,
+                       drop_audio, export_model, latent_mouth_weights, loop_config, train_loop, weighted_mse)
 from .vae import CausalVAE
 
 
@@ -26,23 +26,24 @@ def encode_batch(vae: CausalVAE, batch: dict, device) -> tuple[torch.Tensor, tor
     return vae.encode(batch["video"].to(device)), vae.encode_image(batch["ref"].to(device))
 
 
-def flow_matching_loss(dit: CausalDiT, x0, ref, windows, t, g, causal=False) -> torch.Tensor:
+def flow_matching_loss(dit: CausalDiT, x0, ref, windows, t, g, causal=False,
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
     e = torch.randn(x0.shape, generator=g).to(x0)
     tt = t.to(x0)[:, None, :, None, None]
     xt = (1 - tt) * x0 + tt * e
     s = dit.cfg.stream
     v = dit(xt, t.to(x0), windows, ref, causal=causal, chunk=s.chunk_frames, context=s.context_frames)
-    return (v - (e - x0)).pow(2).mean()
+    return weighted_mse(v, e - x0, weights)
 
 
 def teacher_loss(dit: CausalDiT, vae: CausalVAE, batch: dict, margin: int, g: torch.Generator,
-                 audio_drop: float = 0.1) -> tuple[torch.Tensor, dict]:
+                 audio_drop: float = 0.1, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     device = next(dit.parameters()).device
     x0, ref = encode_batch(vae, batch, device)
     b, n = x0.shape[0], x0.shape[2]
     windows = drop_audio(dit, clip_audio_windows(dit, batch["audio"].to(device), margin, n), audio_drop, g)
     t = chunked_times(b, n, dit.cfg.stream.chunk_frames, g)
-    loss = flow_matching_loss(dit, x0, ref, windows, t, g)
+    loss = flow_matching_loss(dit, x0, ref, windows, t, g, weights=weights)
     return loss, {"fm": loss.item()}
 
 
@@ -59,9 +60,10 @@ def cmd_train_teacher(args) -> int:
     dit.to(args.device)
     check_compatible(vae.cfg, dit.cfg)
     draw, margin = clip_sampler(args, dit.cfg)
+    weights = latent_mouth_weights(dit.cfg, args.mouth_weight)
 
     def step(i, g):
-        return teacher_loss(dit, vae, draw(g), margin, g)
+        return teacher_loss(dit, vae, draw(g), margin, g, weights=weights)
 
     train_loop("teacher", {"dit": dit}, step, args.out, loop_config(args),
                lambda: export_model(dit, os.path.join(args.out, "teacher.safetensors")))
@@ -75,4 +77,5 @@ def register(sub):
                    help="audio front end: log-mel (default) or a frozen torchaudio wav2vec2/HuBERT base")
     p.add_argument("--audio-backbone-weights", help="the backbone's weights: .safetensors of the torchaudio "
                    "model's state dict (yours; nothing is downloaded)")
+    add_mouth_weight_arg(p)
     p.set_defaults(fn=cmd_train_teacher)

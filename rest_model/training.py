@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -245,6 +246,28 @@ def add_common_args(p, needs: tuple[str, ...] = ()):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def latent_mouth_weights(cfg: DiTConfig, mouth_weight: float) -> torch.Tensor | None:
+    """Per-latent-cell loss weights [h, w] for the DiT stages: the VAE's pixel region weights (mouth region
+    + mouth_weight) averaged over each cell's pixels, mean 1. The mouth covers a few latent cells, so an
+    unweighted loss is nearly all appearance and the audio -> mouth mapping, what lip-sync is, is learnt last."""
+    if not mouth_weight:
+        return None
+    from .train_vae import region_weights
+    w = region_weights(cfg.resolution, cfg.resolution, 0.0, mouth_weight)
+    w = F.avg_pool2d(w[None, None], cfg.spatial_compression)[0, 0]
+    return w / w.mean()
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    err = (pred - target).pow(2)
+    return err.mean() if weights is None else (err * weights.to(err)).mean()
+
+
+def add_mouth_weight_arg(p):
+    p.add_argument("--mouth-weight", type=float, default=0.0,
+                   help="extra loss weight on the latent cells over the mouth region (0 = off)")
 
 
 def clip_sampler(args, cfg: DiTConfig) -> tuple[Callable[[torch.Generator], dict], int]:

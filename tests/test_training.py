@@ -298,3 +298,36 @@ def test_student_stages_refuse_a_teacher_that_does_not_fit_the_vae(tmp_path, cap
     assert main(["distill", *common, "--student", str(tmp_path / "t.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.count("t.safetensors does not fit") == 2 and "v.safetensors" in err
+
+
+def test_mouth_weighting_reaches_every_dit_stage_loss(tiny):
+    """--mouth-weight: latent cells over the mouth region weigh more (mean 1), and the teacher, student-init
+    and ASD losses use the weights (all-ones weights give the unweighted loss, mouth weights another)."""
+    from rest_model.metrics import MOUTH_ROI
+    from rest_model.training import latent_mouth_weights
+    vae, teacher = tiny
+    student = random_model("tiny", seed=1)[1]
+    c = teacher.cfg
+    assert latent_mouth_weights(c, 0.0) is None
+    w = latent_mouth_weights(c, 6.0)
+    assert w.shape == (c.latent_size, c.latent_size) and abs(w.mean().item() - 1) < 1e-6
+    row, col = divmod(int(w.argmax()), c.latent_size)
+    assert MOUTH_ROI[0] * c.latent_size - 1 <= row <= MOUTH_ROI[1] * c.latent_size
+    assert MOUTH_ROI[2] * c.latent_size - 1 <= col <= MOUTH_ROI[3] * c.latent_size
+    assert w[0, 0] < 1 < w[row, col]
+    clips = toy_clips()
+    margin, frames = audio_margin(c), clip_frames(c, 2)
+    batch = sample_batch(clips, 2, frames, margin, SPF, torch.Generator().manual_seed(0))
+    losses = {
+        "teacher": lambda wt: teacher_loss(teacher, vae, batch, margin, torch.Generator().manual_seed(1),
+                                           weights=wt)[0],
+        "init": lambda wt: init_student_loss(student, teacher, vae, batch, margin, torch.Generator().manual_seed(1),
+                                             teacher_steps=2, weights=wt)[0],
+        "asd": lambda wt: asd_loss(student, teacher, vae, batch, margin, torch.Generator().manual_seed(1),
+                                   weights=wt)[0],
+    }
+    with torch.no_grad():
+        for name, loss in losses.items():
+            plain, ones, mouth = loss(None), loss(torch.ones_like(w)), loss(w)
+            torch.testing.assert_close(ones, plain, msg=f"{name}: all-ones weights changed the loss")
+            assert abs(mouth.item() - plain.item()) > 1e-4 * plain.item(), f"{name} ignores the mouth weights"
