@@ -584,34 +584,48 @@ class ClipDataset(Dataset):
     """
 
     def __init__(self, root, clip_frames: int, split: str = "train", seed: int = 0, audio_margin: int = 0,
-                 cache: bool = False):
+                 cache: bool = False, _memory: list | None = None):
         if clip_frames < 1:
             raise ValueError(f"clip_frames must be >= 1, got {clip_frames}")
         if split not in ("train", "test", "all"):
             raise ValueError(f"split must be train, test or all, got {split!r}")
-        self.root = Path(root)
-        self.index = load_index(root)
+        self.root = Path(root) if root is not None else None
+        self.index = load_index(root) if _memory is None else _memory[0]
         self.fps, self.resolution = int(self.index["fps"]), int(self.index["resolution"])
         self.sample_rate = int(self.index["sample_rate"])
         self.spf = self.sample_rate // self.fps
-        self.clip_frames, self.seed, self.audio_margin, self.cache = clip_frames, seed, audio_margin, cache
+        self.clip_frames, self.seed, self.audio_margin = clip_frames, seed, audio_margin
+        self.cache = cache or _memory is not None
         chosen = [c for c in self.index["clips"] if split == "all" or c.get("split") == split]
         self.clips = []
         for c in chosen:
             if c["frames"] < clip_frames:
                 log.info("clip %s has %d frames < clip_frames %d: not used", c["file"], c["frames"], clip_frames)
                 continue
-            if not (self.root / c["file"]).is_file():
+            if _memory is None and not (self.root / c["file"]).is_file():
                 raise FileNotFoundError(f"{self.root / c['file']} listed in index.json is missing")
             self.clips.append(c)
         if len(self.clips) < len(chosen):
             log.warning("%d of %d %s clips are shorter than %d frames and are not used", len(chosen) - len(self.clips),
                         len(chosen), split, clip_frames)
         if not self.clips:
-            raise ValueError(f"{root}: no {split} clip has at least {clip_frames} frames "
-                             f"({len(chosen)} {split} clips in the index)")
+            raise ValueError(f"{root or 'the clips'}: no {split} clip has at least {clip_frames} frames "
+                             f"({len(chosen)} {split} clips)")
         self._mem: dict[int, dict] = {}
+        if _memory is not None:
+            by_file = {c["file"]: t for c, t in zip(self.index["clips"], _memory[1])}
+            self._mem = {i: by_file[c["file"]] for i, c in enumerate(self.clips)}
         self._rng, self._rng_key = None, None
+
+    @classmethod
+    def from_tensors(cls, clips, clip_frames: int, fps: int, sample_rate: int, audio_margin: int = 0,
+                     seed: int = 0) -> "ClipDataset":
+        """In-memory clips [(video uint8 [T, H, W, 3], audio [T * spf])] as a dataset (tests, experiments)."""
+        entries = [dict(file=f"<memory {i}>", identity=f"clip{i}", frames=int(v.shape[0]), split="train")
+                   for i, (v, _) in enumerate(clips)]
+        index = dict(fps=fps, resolution=int(clips[0][0].shape[1]), sample_rate=sample_rate, clips=entries)
+        tensors = [{"video": v, "audio": a} for v, a in clips]
+        return cls(None, clip_frames, "train", seed, audio_margin, _memory=(index, tensors))
 
     def __len__(self) -> int:
         return len(self.clips)

@@ -13,7 +13,7 @@ from torch.func import functional_call
 
 from . import checkpoint
 from .config import preset
-from .training import add_common_args, export_model, load_clips, loop_config, sample_batch, train_loop
+from .training import add_common_args, export_model, loop_config, sample_batch, training_data, train_loop
 from .vae import CausalPad, CausalVAE
 
 
@@ -65,17 +65,18 @@ def vae_loss(vae: CausalVAE, video: torch.Tensor, g: torch.Generator, kl_weight:
 
 
 @torch.no_grad()
-def latent_scale(vae: CausalVAE, clips, frames: int, spf: int, n: int = 8) -> float:
+def latent_scale(vae: CausalVAE, data, n: int = 8) -> float:
     """1 / std of posterior-mean latents over a fixed sample: the DiT then sees unit-variance latents."""
     g = torch.Generator().manual_seed(1234)
-    video = sample_batch(clips, n, frames, 0, spf, g)["video"].to(next(vae.parameters()).device)
+    video = sample_batch(data, n, g)["video"].to(next(vae.parameters()).device)
     std = vae.encode_dist(video)[0].std().item()
     return 1.0 / max(std, 1e-6)
 
 
 def cmd_train_vae(args) -> int:
     p = preset(args.preset)
-    clips, index = load_clips(args.data)
+    frames = args.chunks * p.dit.stream.chunk_frames * p.vae.temporal_compression
+    data = training_data(args.data, frames)
     if args.init:
         vae = checkpoint.load_vae(args.init, args.device).requires_grad_(True)
         if vae.cfg.latent_channels != p.vae.latent_channels or vae.cfg.spatial_compression != p.vae.spatial_compression:
@@ -87,20 +88,21 @@ def cmd_train_vae(args) -> int:
             raise ValueError("--decoder-only fine-tunes the decoder of a trained VAE: give it with --init")
         vae.encoder.requires_grad_(False)  # latents stay exactly as the DiT saw them
     disc = PatchDiscriminator().to(args.device) if args.adv_weight > 0 else None
-    frames = args.chunks * p.dit.stream.chunk_frames * p.vae.temporal_compression
-    spf = p.dit.audio.samples_per_frame
     r = p.dit.resolution
+    if data.resolution != r:
+        raise ValueError(f"{args.data} is {data.resolution}x{data.resolution}, the {args.preset} preset {r}x{r}: "
+                         f"prepare it with --preset {args.preset}")
     weights = region_weights(r, r, args.face_weight, args.mouth_weight).to(args.device) \
         if args.face_weight or args.mouth_weight else None
 
     def step(i, g):
-        video = sample_batch(clips, args.batch, frames, 0, spf, g)["video"].to(args.device)
+        video = sample_batch(data, args.batch, g)["video"].to(args.device)
         return vae_loss(vae, video, g, args.kl_weight, disc, args.adv_weight if i >= args.adv_start else 0.0,
                         weights, args.decoder_only)
 
     def export():
         if not args.decoder_only:  # a frozen encoder keeps its latent scale
-            vae.cfg.scaling_factor = latent_scale(vae, clips, frames, spf)
+            vae.cfg.scaling_factor = latent_scale(vae, data)
         export_model(vae, os.path.join(args.out, "rest_vae.safetensors"))
 
     trainable = {"vae": vae} | ({"disc": disc} if disc is not None else {})

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from . import checkpoint
 from .audio import SampleTimeline
 from .config import DiTConfig
+from .data import ClipDataset
 from .dit import CausalDiT, audio_windows
 
 log = logging.getLogger("rest_model.train")
@@ -36,37 +37,24 @@ def audio_margin(cfg: DiTConfig) -> int:
     return cfg.audio_context * cfg.temporal_compression + max(a.context_frames, a.lookahead_frames)
 
 
-def crop_clip(video: torch.Tensor, audio: torch.Tensor, frames: int, margin: int, spf: int,
-              g: torch.Generator) -> dict:
-    """A random `frames`-frame crop of one clip (video uint8 [T, H, W, 3], audio [T * spf]).
-
-    Returns video [3, frames, H, W] in [-1, 1], the crop's audio with `margin` frames on each side
-    (silence beyond the clip, as in a stream) and ref [3, H, W]: a frame of the same clip chosen anywhere,
-    so identity is decoupled from the starting pose.
-    """
-    t = video.shape[0]
-    if t < frames:
-        raise ValueError(f"clip of {t} frames is shorter than the {frames} frames a sample needs")
-    s = int(torch.randint(t - frames + 1, (1,), generator=g))
-    r = int(torch.randint(t, (1,), generator=g))
-    to_float = lambda x: x.float().div(127.5).sub(1)  # noqa: E731
-    pad = margin * spf
-    padded = torch.nn.functional.pad(audio.float(), (pad, pad + max(0, t * spf - audio.numel())))
-    wave = padded[s * spf: (s + frames) * spf + 2 * pad]  # padded index i is clip sample i - pad
-    return {"video": to_float(video[s:s + frames]).permute(3, 0, 1, 2), "audio": wave,
-            "ref": to_float(video[r]).permute(2, 0, 1)}
-
-
 def clip_frames(cfg: DiTConfig, chunks: int) -> int:
     """Video frames of a training clip of `chunks` chunks."""
     return chunks * cfg.stream.chunk_frames * cfg.temporal_compression
 
 
-def sample_batch(clips, batch: int, frames: int, margin: int, spf: int, g: torch.Generator) -> dict:
-    """A batch of random crops; `clips` is a sequence of (video uint8 [T, H, W, 3], audio [T * spf])."""
-    items = [crop_clip(*clips[int(torch.randint(len(clips), (1,), generator=g))], frames, margin, spf, g)
-             for _ in range(batch)]
-    return {k: torch.stack([it[k] for it in items]) for k in ("video", "audio", "ref")}
+def sample_batch(data: ClipDataset, batch: int, g: torch.Generator) -> dict:
+    """A batch of random crops of `data` (its clip_frames, with its audio_margin frames of audio each side),
+    drawn with the step's generator so a resumed run draws what an unstopped one would: per item a clip, the
+    crop's start and a reference frame of the same clip chosen anywhere (identity decoupled from pose)."""
+    items = []
+    for _ in range(batch):
+        i = int(torch.randint(len(data), (1,), generator=g))
+        total = data.clips[i]["frames"]
+        start = int(torch.randint(total - data.clip_frames + 1, (1,), generator=g))
+        items.append(data.load(i, start, int(torch.randint(total, (1,), generator=g))))
+    audio = "audio_padded" if data.audio_margin else "audio"
+    return {"video": torch.stack([it["video"] for it in items]), "audio": torch.stack([it[audio] for it in items]),
+            "ref": torch.stack([it["ref"] for it in items])}
 
 
 def clip_audio_windows(dit: CausalDiT, audio: torch.Tensor, margin: int, n_latent: int) -> torch.Tensor:
@@ -216,21 +204,6 @@ def export_model(module, path: str):
     module.train(was)
 
 
-def load_clips(root: str, split: str = "train") -> tuple[list, dict]:
-    """A prepared dataset (python -m rest_model prepare) -> [(video uint8 [T,H,W,3], audio [T*spf])], index."""
-    with open(os.path.join(root, "index.json")) as f:
-        index = json.load(f)
-    clips = []
-    for entry in index["clips"]:
-        if entry.get("split", "train") != split:
-            continue
-        with safe_open(os.path.join(root, entry["file"]), framework="pt") as f:
-            clips.append((f.get_tensor("video"), f.get_tensor("audio")))
-    if not clips:
-        raise ValueError(f"{root} has no '{split}' clips")
-    return clips, index
-
-
 def add_common_args(p, needs: tuple[str, ...] = ()):
     """Arguments every stage command takes; `needs` names the checkpoints a stage starts from."""
     p.add_argument("--data", required=True, help="prepared dataset folder (python -m rest_model prepare)")
@@ -270,11 +243,19 @@ def add_mouth_weight_arg(p):
                    help="extra loss weight on the latent cells over the mouth region (0 = off)")
 
 
+def training_data(root: str, frames: int, margin: int = 0) -> ClipDataset:
+    """The train split of a prepared dataset, read by slices from disk: datasets larger than memory train."""
+    return ClipDataset(root, frames, "train", audio_margin=margin)
+
+
 def clip_sampler(args, cfg: DiTConfig) -> tuple[Callable[[torch.Generator], dict], int]:
     """A DiT stage's batches from --data/--batch/--chunks: (draw(g) -> batch, audio margin in frames)."""
-    clips, _ = load_clips(args.data)
-    margin, frames, spf = audio_margin(cfg), clip_frames(cfg, args.chunks), cfg.audio.samples_per_frame
-    return (lambda g: sample_batch(clips, args.batch, frames, margin, spf, g)), margin
+    margin = audio_margin(cfg)
+    data = training_data(args.data, clip_frames(cfg, args.chunks), margin)
+    if (data.resolution, data.spf) != (cfg.resolution, cfg.audio.samples_per_frame):
+        raise ValueError(f"{args.data} is {data.resolution}px with {data.spf} audio samples per frame, the model "
+                         f"{cfg.resolution}px with {cfg.audio.samples_per_frame}: prepare it with the model's preset")
+    return (lambda g: sample_batch(data, args.batch, g)), margin
 
 
 def loop_config(args) -> LoopConfig:

@@ -12,7 +12,8 @@ from rest_model.init_student import init_student_loss, student_rollout
 from rest_model.sampler import flow_schedule
 from rest_model.train_teacher import teacher_loss
 from rest_model.train_vae import PatchDiscriminator, region_weights, vae_loss
-from rest_model.training import (LoopConfig, audio_margin, clip_frames, crop_clip, learning_rate, sample_batch,
+from rest_model.data import ClipDataset
+from rest_model.training import (LoopConfig, audio_margin, clip_frames, learning_rate, sample_batch,
                                  train_loop)
 from conftest import speech_like
 
@@ -48,31 +49,40 @@ def _falls(records, what="loss", k=5):
     assert math.isfinite(last) and last < 0.8 * first, f"{what} did not fall: {first:.4g} -> {last:.4g}"
 
 
-def test_crop_clip_aligns_audio_and_pads_with_silence():
+def _batch(clips, frames, margin, g, batch=2):
+    return sample_batch(ClipDataset.from_tensors(clips, frames, 25, 16000, margin), batch, g)
+
+
+def test_training_crops_align_audio_and_pad_it_with_silence():
+    """Each crop's audio starts with its first frame, with `margin` frames of the clip's own audio on each side
+    and silence beyond the clip's ends, as a stream hears it; same generator state, same batch."""
     video = torch.arange(10).view(10, 1, 1, 1).expand(10, 2, 2, 3).byte()
-    audio = torch.arange(10 * SPF).float()
+    audio = torch.arange(10 * SPF).float() + 1  # sample i of the clip holds i + 1, so silence (0) is told apart
+    data = ClipDataset.from_tensors([(video, audio)], 4, 25, 16000, audio_margin=2)
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
-        item = crop_clip(video, audio, 4, 2, SPF, g)
-        first = int(round((item["video"][0, 0, 0, 0].item() + 1) * 127.5))
-        wave = item["audio"]
-        assert wave.numel() == (4 + 4) * SPF
-        own = wave[2 * SPF:]  # the crop's own first sample is clip sample first * SPF
-        assert own[0].item() == first * SPF
-        if first < 2:
-            assert (wave[: (2 - first) * SPF] == 0).all()
-    with pytest.raises(ValueError, match="shorter"):
-        crop_clip(video, audio, 11, 0, SPF, g)
+        b = sample_batch(data, 1, g)
+        first = int(round((b["video"][0, 0, 0, 0, 0].item() + 1) * 127.5))
+        wave = b["audio"][0]
+        assert b["video"].shape == (1, 3, 4, 2, 2) and wave.numel() == (4 + 4) * SPF
+        for k in range(-2, 6):  # frame first + k of the clip, or silence outside it
+            seg = wave[(k + 2) * SPF:(k + 3) * SPF]
+            want = torch.arange((first + k) * SPF, (first + k + 1) * SPF).float() + 1
+            assert torch.equal(seg, want if 0 <= first + k < 10 else torch.zeros(SPF)), (first, k)
+    again = [sample_batch(data, 3, torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert all(torch.equal(again[0][k], again[1][k]) for k in again[0])
+    with pytest.raises(ValueError, match="at least 11 frames"):
+        ClipDataset.from_tensors([(video, audio)], 11, 25, 16000)
 
 
 def test_vae_stage_loss_falls(tmp_path):
     vae, _ = random_model("tiny")
-    clips = toy_clips(1, 8)
+    data = ClipDataset.from_tensors(toy_clips(1, 8), 8, 25, 16000)
     disc = PatchDiscriminator(8)
     weights = region_weights(32, 32, face_weight=1.0, mouth_weight=3.0)
 
     def step(i, g):
-        video = sample_batch(clips, 2, 8, 0, SPF, g)["video"]
+        video = sample_batch(data, 2, g)["video"]
         return vae_loss(vae, video, g, disc=disc, adv_weight=0.05 if i > 20 else 0.0, weights=weights)
 
     records = _run("vae", {"vae": vae, "disc": disc}, step, tmp_path, 40)
@@ -84,7 +94,7 @@ def test_teacher_stage_loss_falls(tmp_path):
     vae, dit = random_model("tiny")
     clips = toy_clips()
     margin, frames = audio_margin(dit.cfg), clip_frames(dit.cfg, 2)
-    batch = sample_batch(clips, 2, frames, margin, SPF, torch.Generator().manual_seed(0))
+    batch = _batch(clips, frames, margin, torch.Generator().manual_seed(0))
     records = _run("teacher", {"dit": dit}, lambda i, g: teacher_loss(dit, vae, batch, margin, g), tmp_path, 40)
     _falls(records)
 
@@ -95,7 +105,7 @@ def test_student_init_stage_loss_falls(tmp_path):
     student.load_state_dict(teacher.state_dict())
     clips = toy_clips()
     margin, frames = audio_margin(student.cfg), clip_frames(student.cfg, 2)
-    batch = sample_batch(clips, 2, frames, margin, SPF, torch.Generator().manual_seed(0))
+    batch = _batch(clips, frames, margin, torch.Generator().manual_seed(0))
     records = _run("student", {"dit": student}, lambda i, g: init_student_loss(
         student, teacher, vae, batch, margin, torch.Generator().manual_seed(5), teacher_steps=4), tmp_path, 30)
     _falls(records, "ode")
@@ -106,7 +116,7 @@ def test_asd_stage_loss_falls(tmp_path):
     student = random_model("tiny", seed=1)[1]
     clips = toy_clips()
     margin, frames = audio_margin(student.cfg), clip_frames(student.cfg, 2)
-    batch = sample_batch(clips, 2, frames, margin, SPF, torch.Generator().manual_seed(0))
+    batch = _batch(clips, frames, margin, torch.Generator().manual_seed(0))
     records = _run("asd", {"dit": student}, lambda i, g: asd_loss(
         student, teacher, vae, batch, margin, torch.Generator().manual_seed(5)), tmp_path, 30)
     _falls(records, "asd")
@@ -147,7 +157,7 @@ def test_resume_from_a_snapshot_equals_an_uninterrupted_run(tmp_path):
 
     def make_step(vae, dit):
         margin, frames = audio_margin(dit.cfg), clip_frames(dit.cfg, 2)
-        return lambda i, g: teacher_loss(dit, vae, sample_batch(clips, 2, frames, margin, SPF, g), margin, g)
+        return lambda i, g: teacher_loss(dit, vae, _batch(clips, frames, margin, g), margin, g)
 
     vae, straight = fresh()
     _run("teacher", {"dit": straight}, make_step(vae, straight), tmp_path / "a", 6)
@@ -317,7 +327,7 @@ def test_mouth_weighting_reaches_every_dit_stage_loss(tiny):
     assert w[0, 0] < 1 < w[row, col]
     clips = toy_clips()
     margin, frames = audio_margin(c), clip_frames(c, 2)
-    batch = sample_batch(clips, 2, frames, margin, SPF, torch.Generator().manual_seed(0))
+    batch = _batch(clips, frames, margin, torch.Generator().manual_seed(0))
     losses = {
         "teacher": lambda wt: teacher_loss(teacher, vae, batch, margin, torch.Generator().manual_seed(1),
                                            weights=wt)[0],
