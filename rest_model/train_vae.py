@@ -13,7 +13,8 @@ from torch.func import functional_call
 
 from . import checkpoint
 from .config import preset
-from .training import add_common_args, export_model, loop_config, sample_batch, training_data, train_loop
+from .training import (add_common_args, clip_frames, export_model, loop_config, region_weights, sample_batch,
+                       train_loop, training_data)
 from .vae import CausalPad, CausalVAE
 
 
@@ -30,18 +31,6 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, video):  # (B, 3, T, H, W) -> patch logits
         return self.net(rearrange(video, "b c t h w -> (b t) c h w"))
-
-
-def region_weights(h: int, w: int, face_weight: float = 0.0, mouth_weight: float = 0.0) -> torch.Tensor:
-    """Per-pixel L1 weights [h, w] for face-centred crops: 1 everywhere, + face_weight on the face box,
-    + mouth_weight on the mouth region (the boxes the metrics judge), normalised to mean 1. At a high
-    compression the loss is otherwise spent on the large background, and the small mouth, the part lip-sync
-    lives in, is what blurs away first."""
-    from .metrics import FACE_BOX, MOUTH_ROI
-    wmap = torch.ones(h, w)
-    for (top, bottom, left, right), extra in ((FACE_BOX, face_weight), (MOUTH_ROI, mouth_weight)):
-        wmap[round(top * h):round(bottom * h), round(left * w):round(right * w)] += extra
-    return wmap / wmap.mean()
 
 
 def vae_loss(vae: CausalVAE, video: torch.Tensor, g: torch.Generator, kl_weight: float = 1e-4,
@@ -75,8 +64,7 @@ def latent_scale(vae: CausalVAE, data, n: int = 8) -> float:
 
 def cmd_train_vae(args) -> int:
     p = preset(args.preset)
-    frames = args.chunks * p.dit.stream.chunk_frames * p.vae.temporal_compression
-    data = training_data(args.data, frames)
+    data = training_data(args.data, p.dit, clip_frames(p.dit, args.chunks))
     if args.init:
         vae = checkpoint.load_vae(args.init, args.device).requires_grad_(True)
         if vae.cfg.latent_channels != p.vae.latent_channels or vae.cfg.spatial_compression != p.vae.spatial_compression:
@@ -89,9 +77,6 @@ def cmd_train_vae(args) -> int:
         vae.encoder.requires_grad_(False)  # latents stay exactly as the DiT saw them
     disc = PatchDiscriminator().to(args.device) if args.adv_weight > 0 else None
     r = p.dit.resolution
-    if data.resolution != r:
-        raise ValueError(f"{args.data} is {data.resolution}x{data.resolution}, the {args.preset} preset {r}x{r}: "
-                         f"prepare it with --preset {args.preset}")
     weights = region_weights(r, r, args.face_weight, args.mouth_weight).to(args.device) \
         if args.face_weight or args.mouth_weight else None
 

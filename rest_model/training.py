@@ -221,13 +221,24 @@ def add_common_args(p, needs: tuple[str, ...] = ()):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
+def region_weights(h: int, w: int, face_weight: float = 0.0, mouth_weight: float = 0.0) -> torch.Tensor:
+    """Per-pixel L1 weights [h, w] for face-centred crops: 1 everywhere, + face_weight on the face box,
+    + mouth_weight on the mouth region (the boxes the metrics judge), normalised to mean 1. At a high
+    compression the loss is otherwise spent on the large background, and the small mouth, the part lip-sync
+    lives in, is what blurs away first."""
+    from .metrics import FACE_BOX, MOUTH_ROI
+    wmap = torch.ones(h, w)
+    for (top, bottom, left, right), extra in ((FACE_BOX, face_weight), (MOUTH_ROI, mouth_weight)):
+        wmap[round(top * h):round(bottom * h), round(left * w):round(right * w)] += extra
+    return wmap / wmap.mean()
+
+
 def latent_mouth_weights(cfg: DiTConfig, mouth_weight: float) -> torch.Tensor | None:
     """Per-latent-cell loss weights [h, w] for the DiT stages: the VAE's pixel region weights (mouth region
     + mouth_weight) averaged over each cell's pixels, mean 1. The mouth covers a few latent cells, so an
     unweighted loss is nearly all appearance and the audio -> mouth mapping, what lip-sync is, is learnt last."""
     if not mouth_weight:
         return None
-    from .train_vae import region_weights
     w = region_weights(cfg.resolution, cfg.resolution, 0.0, mouth_weight)
     w = F.avg_pool2d(w[None, None], cfg.spatial_compression)[0, 0]
     return w / w.mean()
@@ -243,18 +254,21 @@ def add_mouth_weight_arg(p):
                    help="extra loss weight on the latent cells over the mouth region (0 = off)")
 
 
-def training_data(root: str, frames: int, margin: int = 0) -> ClipDataset:
-    """The train split of a prepared dataset, read by slices from disk: datasets larger than memory train."""
-    return ClipDataset(root, frames, "train", audio_margin=margin)
+def training_data(root: str, cfg: DiTConfig, frames: int, margin: int = 0) -> ClipDataset:
+    """The train split of a prepared dataset, read by slices from disk (datasets larger than memory train),
+    refusing one prepared for another preset: another resolution, or, when the audio is used (margin > 0),
+    another number of audio samples per frame."""
+    data = ClipDataset(root, frames, "train", audio_margin=margin)
+    if data.resolution != cfg.resolution or (margin and data.spf != cfg.audio.samples_per_frame):
+        raise ValueError(f"{root} is {data.resolution}px with {data.spf} audio samples per frame, the model "
+                         f"{cfg.resolution}px with {cfg.audio.samples_per_frame}: prepare it with the model's preset")
+    return data
 
 
 def clip_sampler(args, cfg: DiTConfig) -> tuple[Callable[[torch.Generator], dict], int]:
     """A DiT stage's batches from --data/--batch/--chunks: (draw(g) -> batch, audio margin in frames)."""
     margin = audio_margin(cfg)
-    data = training_data(args.data, clip_frames(cfg, args.chunks), margin)
-    if (data.resolution, data.spf) != (cfg.resolution, cfg.audio.samples_per_frame):
-        raise ValueError(f"{args.data} is {data.resolution}px with {data.spf} audio samples per frame, the model "
-                         f"{cfg.resolution}px with {cfg.audio.samples_per_frame}: prepare it with the model's preset")
+    data = training_data(args.data, cfg, clip_frames(cfg, args.chunks), margin)
     return (lambda g: sample_batch(data, args.batch, g)), margin
 
 

@@ -341,3 +341,33 @@ def test_mouth_weighting_reaches_every_dit_stage_loss(tiny):
             plain, ones, mouth = loss(None), loss(torch.ones_like(w)), loss(w)
             torch.testing.assert_close(ones, plain, msg=f"{name}: all-ones weights changed the loss")
             assert abs(mouth.item() - plain.item()) > 1e-4 * plain.item(), f"{name} ignores the mouth weights"
+
+
+def _toy_dataset(root, size=32, sample_rate=16000):
+    import json
+    from safetensors.torch import save_file
+    root.mkdir()
+    video, audio = toy_clips(1, 24, size)[0]
+    save_file({"video": video, "audio": audio[: 24 * sample_rate // 25].contiguous()}, root / "c.safetensors")
+    (root / "index.json").write_text(json.dumps({"fps": 25, "resolution": size, "sample_rate": sample_rate,
+                                                 "clips": [{"file": "c.safetensors", "identity": "a", "frames": 24,
+                                                            "split": "train"}]}))
+    return root
+
+
+def test_stages_refuse_data_prepared_for_another_preset(tmp_path, capsys):
+    """Another resolution stops every stage; another audio rate stops the stages that hear the audio."""
+    from rest_model.cli import main
+    vae, _ = random_model("tiny")
+    checkpoint.save(vae, tmp_path / "v.safetensors")
+    common = ["--out", str(tmp_path / "run"), "--preset", "tiny", "--steps", "1", "--batch", "1", "--chunks", "1",
+              "--device", "cpu"]
+    small = _toy_dataset(tmp_path / "small", size=16)
+    slow = _toy_dataset(tmp_path / "slow", sample_rate=8000)
+    for cmd in (["train-vae"], ["train-teacher", "--vae", str(tmp_path / "v.safetensors")]):
+        assert main([*cmd, "--data", str(small), *common]) != 0
+        assert "16px with 640 audio samples per frame, the model 32px with 640: prepare it" in capsys.readouterr().err
+    assert main(["train-teacher", "--vae", str(tmp_path / "v.safetensors"), "--data", str(slow), *common]) != 0
+    assert "32px with 320 audio samples per frame, the model 32px with 640" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing was trained or written
+    assert main(["train-vae", "--data", str(slow), *common]) == 0  # the VAE never hears the audio
