@@ -5,7 +5,9 @@ model and for the ground truth:
 
 - lip-sync: `metrics.lip_sync` between the generated mouth and the speech (score = correlation at
   the best offset, the offset in frames, SyncNet-style confidence), on each test clip generated from
-  its first frame and its audio;
+  its first frame and its audio, and beside it the chance level: the same frames scored against
+  another test clip's speech (the best-offset search finds some correlation in unrelated signals,
+  so a score means lip-sync only where it stands clear of this);
 - temporal stability: flicker (mean absolute frame-to-frame change, 0-255) inside the regions that
   stand still in the ground-truth clip (background, shoulders);
 - identity retention over a long stream: the test clips' speech played back to back for --minutes
@@ -59,15 +61,25 @@ class Row:
     name: str
     kind: str  # "ground truth" | "VAE ceiling" | "streaming" | "teacher (non-streaming)"
     sync: list = field(default_factory=list)
+    chance: list = field(default_factory=list)  # sync of the same frames with another clip's speech
     offset: list = field(default_factory=list)
     conf: list = field(default_factory=list)
     flicker: list = field(default_factory=list)
     long: dict = field(default_factory=dict)
     fps: float = float("nan")
 
+    def add_sync(self, frames: np.ndarray, clips: list, i: int, sr: int, fps: int, max_offset: int):
+        """Score frames made for clips[i] against its speech and, for the chance level, another clip's."""
+        spf = sr // fps
+        r = metrics.lip_sync(frames, clips[i].audio[: len(frames) * spf], sr, fps, max_offset)
+        self.sync.append(r.score), self.offset.append(r.offset), self.conf.append(r.confidence)
+        if len(clips) > 1:
+            other = other_speech(clips, i)[: len(frames) * spf]
+            self.chance.append(metrics.lip_sync(frames, other, sr, fps, max_offset).score)
+
     def summary(self) -> dict:
         m = lambda v: float(np.mean(v)) if len(v) else float("nan")  # noqa: E731
-        return dict(name=self.name, kind=self.kind, sync=m(self.sync), abs_offset=m(np.abs(self.offset)),
+        return dict(name=self.name, kind=self.kind, sync=m(self.sync), sync_chance=m(self.chance), abs_offset=m(np.abs(self.offset)),
                     confidence=m(self.conf), flicker=m(self.flicker), gen_fps=self.fps, **self.long)
 
 
@@ -112,6 +124,12 @@ def load_test_clips(root, resolution: int, split: str = "test", limit: int = 8) 
 # ---------------------------------------------------------------------------------------------
 # generation
 # ---------------------------------------------------------------------------------------------
+def other_speech(clips: list[TestClip], i: int) -> np.ndarray:
+    """The next test clip's speech, cut or padded with silence to clip i's length (a chance-level control)."""
+    own, other = clips[i].audio, clips[(i + 1) % len(clips)].audio
+    return np.pad(other, (0, max(0, own.size - other.size)))[: own.size]
+
+
 def portrait_of(clip: TestClip) -> torch.Tensor:
     return torch.from_numpy(clip.frames[0]).permute(2, 0, 1).float() / 127.5 - 1
 
@@ -213,13 +231,12 @@ def vae_ceiling(vae, clips: list[TestClip], sr: int, fps: int, max_offset: int) 
     with this VAE, so a low score can be put on the VAE or on the DiT."""
     row = Row("VAE reconstruction", "VAE ceiling")
     p = next(vae.parameters())
-    for c in clips:
+    for i, c in enumerate(clips):
         x = torch.from_numpy(c.frames).to(p.device).permute(3, 0, 1, 2)[None].to(p.dtype) / 127.5 - 1
         pad = -x.shape[2] % vae.cfg.temporal_compression  # whole latent frames: repeat the last frame
         x = torch.cat([x, x[:, :, -1:].expand(-1, -1, pad, -1, -1)], 2)
         rec = _to_uint8(vae.decode(vae.encode(x))[0].transpose(0, 1))[: len(c.frames)]
-        r = metrics.lip_sync(rec, c.audio[: len(rec) * (sr // fps)], sr, fps, max_offset)
-        row.sync.append(r.score), row.offset.append(r.offset), row.conf.append(r.confidence)
+        row.add_sync(rec, clips, i, sr, fps, max_offset)
         row.flicker.append(metrics.flicker(rec, c.mask))
     return row
 
@@ -237,9 +254,7 @@ def metric_check(clips: list[TestClip], sr: int, fps: int, max_offset: int) -> d
             errors.append(abs(r.offset - s * fps))
             found.setdefault(s, []).append(r.offset)
         if len(clips) > 1:
-            other = clips[(i + 1) % len(clips)].audio
-            other = np.pad(other, (0, max(0, c.audio.size - other.size)))[: c.audio.size]
-            mismatched.append(metrics.lip_sync(c.frames, other, sr, fps, max_offset).score)
+            mismatched.append(metrics.lip_sync(c.frames, other_speech(clips, i), sr, fps, max_offset).score)
     return dict(gt_sync=float(np.mean(aligned)), gt_sync_min=float(np.min(aligned)),
                 shift_found={f"{s:+.2f}s={s * fps:+.1f}f": float(np.median(v)) for s, v in found.items()},
                 shift_mean_abs_error_frames=float(np.mean(errors)),
@@ -258,17 +273,18 @@ def format_report(check: dict, rows: list[dict], minutes: float) -> str:
              "  audio shifted by: " + ", ".join(f"{k} -> found {v:+.0f}f" for k, v in check["shift_found"].items()),
              f"  offset error {check['shift_mean_abs_error_frames']:.2f} frames on average, "
              f"{100 * check['shift_within_1_frame']:.0f}% within one frame", ""]
-    head = (f"{'model':<28} {'kind':<24} {'sync':>6} {'|off|':>5} {'conf':>6} {'flicker':>7} "
+    head = (f"{'model':<28} {'kind':<24} {'sync':>6} {'chance':>6} {'|off|':>5} {'conf':>6} {'flicker':>7} "
             f"{'PSNR@0':>7} {'SSIM@0':>6} {'PSNR@end':>8} {'SSIM@end':>8} {'sync@end':>8} {'fps':>6}")
     lines += [f"side by side (clip metrics on {rows[0].get('clips', '?')} held-out clips; "
               f"@end = after {minutes:g} min of streaming):", head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['name'][:28]:<28} {r['kind'][:24]:<24} {_fmt(r['sync']):>6} {_fmt(r['abs_offset'], '.1f'):>5} "
+        lines.append(f"{r['name'][:28]:<28} {r['kind'][:24]:<24} {_fmt(r['sync']):>6} {_fmt(r.get('sync_chance')):>6} "
+                     f"{_fmt(r['abs_offset'], '.1f'):>5} "
                      f"{_fmt(r['confidence']):>6} {_fmt(r['flicker'], '.2f'):>7} {_fmt(r.get('id_psnr_start'), '.2f'):>7} "
                      f"{_fmt(r.get('id_ssim_start')):>6} {_fmt(r.get('id_psnr_end'), '.2f'):>8} "
                      f"{_fmt(r.get('id_ssim_end')):>8} {_fmt(r.get('sync_end')):>8} {_fmt(r.get('gen_fps'), '.1f'):>6}")
     lines += ["", "sync: correlation of mouth opening with the speech at the best offset (1 = perfect); |off|: that "
-              "offset in frames; conf: best minus median over offsets; flicker: mean |frame-to-frame change| (0-255) "
+              "offset in frames; chance: the same frames scored against another clip's speech (lip-sync is real only well above it); conf: best minus median over offsets; flicker: mean |frame-to-frame change| (0-255) "
               "in regions static in the ground truth; PSNR/SSIM: face region vs the portrait over the first / last "
               "second of the long stream; fps: generation speed of the long stream."]
     return "\n".join(lines)
@@ -296,9 +312,8 @@ def evaluate(vae_path: str, dit_paths: list[str], data: str, teacher: str | None
     sr = index["sample_rate"]
     check = metric_check(clips, sr, fps, max_offset)
     gt = Row("ground truth", "ground truth")
-    for c in clips:
-        r = metrics.lip_sync(c.frames, c.audio, sr, fps, max_offset)
-        gt.sync.append(r.score), gt.offset.append(r.offset), gt.conf.append(r.confidence)
+    for i, c in enumerate(clips):
+        gt.add_sync(c.frames, clips, i, sr, fps, max_offset)
         gt.flicker.append(metrics.flicker(c.frames, c.mask))
     sim = metrics.face_similarity(clips[0].frames[1:fps + 1], clips[0].frames[0])
     gt.long = {"id_psnr_start": sim["psnr"], "id_ssim_start": sim["ssim"]}
@@ -323,8 +338,7 @@ def evaluate(vae_path: str, dit_paths: list[str], data: str, teacher: str | None
                    else generate_streaming(vae, dit, portrait, c.audio, sr, seed))
             gen = gen[: len(c.frames)]
             frames_made += len(gen)
-            r = metrics.lip_sync(gen, c.audio[: len(gen) * (sr // fps)], sr, fps, max_offset)
-            row.sync.append(r.score), row.offset.append(r.offset), row.conf.append(r.confidence)
+            row.add_sync(gen, clips, i, sr, fps, max_offset)
             row.flicker.append(metrics.flicker(gen, c.mask))
         row.fps = frames_made / (time.perf_counter() - t0)
         if progress:

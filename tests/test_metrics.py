@@ -155,7 +155,11 @@ def test_eval_command_side_by_side(tiny, tiny_dataset, tmp_path, capsys):
     assert gt["kind"] == "ground truth" and teacher["name"] == "teacher" and student["name"] == "student"
     assert ceiling["kind"] == "VAE ceiling" and "VAE reconstruction" in out
     for row in (ceiling, teacher, student):
-        assert -1 <= row["sync"] <= 1 and row["flicker"] >= 0
+        assert -1 <= row["sync"] <= 1 and -1 <= row["sync_chance"] <= 1 and row["flicker"] >= 0
+    # the chance column scores each row's frames against another clip's speech: for the ground truth that
+    # is the metric check's mismatched-audio reading
+    assert gt["sync_chance"] == pytest.approx(report["metric_check"]["mismatched_sync"])
+    assert gt["sync_chance"] != pytest.approx(gt["sync"]) and "chance" in out
     assert "id_psnr_end" not in teacher  # the teacher cannot stream
     assert student["long_frames"] == student["expected_frames"] == 60  # 0.04 min at 25 fps
     assert np.isfinite([student["id_psnr_start"], student["id_ssim_end"], student["long_flicker"]]).all()
