@@ -3,7 +3,7 @@
 # Every stage spends extra loss weight on the mouth region (--mouth-weight): lip-sync lives in a few pixels
 # (VAE) and a few latent cells (DiT stages) that an unweighted loss leaves for last.
 # Every stage resumes from its last snapshot, so re-running this after an interruption continues.
-#   bash scripts/train_demo.sh [RUN_DIR]      (default runs/demo; about 2 hours on 2 CPU cores)
+#   bash scripts/train_demo.sh [RUN_DIR]      (default runs/demo; about 3 hours on 2 CPU cores)
 # Step counts can be overridden: VAE_STEPS, TEACHER_STEPS, STUDENT_STEPS, ASD_STEPS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +19,13 @@ dit=(--mouth-weight 6)
 $PY -m rest_model train-vae "${common[@]}" --steps "${VAE_STEPS:-8000}" --batch 4 --chunks 2 --lr 6e-4 \
     --face-weight 1 --mouth-weight 6
 VAE="$RUN/ckpt/rest_vae.safetensors"
-$PY -m rest_model train-teacher "${common[@]}" "${dit[@]}" --vae "$VAE" --steps "${TEACHER_STEPS:-3000}" --batch 4 --chunks 3 --lr 5e-4
+# the teacher ran 3000 steps, then was resumed to 6000: the cosine schedule restarts from lr 2.75e-4 at the resume
+T=${TEACHER_STEPS:-6000}
+for steps in $(( T < 3000 ? T : 3000 )) "$T"; do
+    $PY -m rest_model train-teacher "${common[@]}" "${dit[@]}" --vae "$VAE" --steps "$steps" --batch 4 --chunks 3 --lr 5e-4
+done
 $PY -m rest_model init-student "${common[@]}" "${dit[@]}" --vae "$VAE" --teacher "$RUN/ckpt/teacher.safetensors" \
-    --steps "${STUDENT_STEPS:-150}" --batch 4 --chunks 3 --lr 2e-4
+    --steps "${STUDENT_STEPS:-300}" --batch 4 --chunks 3 --lr 2e-4
 $PY -m rest_model distill "${common[@]}" "${dit[@]}" --vae "$VAE" --teacher "$RUN/ckpt/teacher.safetensors" \
     --student "$RUN/ckpt/student_init.safetensors" --steps "${ASD_STEPS:-200}" --batch 4 --chunks 3 --lr 1e-4
 mkdir -p models/demo
