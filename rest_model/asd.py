@@ -27,9 +27,9 @@ import os
 import torch
 
 from .init_student import load_student_stage, student_rollout, teacher_forced_fm
-from .sampler import flow_schedule
+from .sampler import audio_guided, flow_schedule
 from .train_teacher import encode_batch
-from .training import (add_common_args, add_mouth_weight_arg, clip_audio_windows, clip_sampler, export_model,
+from .training import (add_audio_guidance_arg, add_common_args, add_mouth_weight_arg, clip_audio_windows, clip_sampler, export_model,
                        latent_mouth_weights, loop_config, train_loop, weighted_mse)
 
 
@@ -41,8 +41,9 @@ def asynchronous_times(n_frames: int, chunk: int, j: int, t_ctx: float, t_j: tor
 
 
 def asd_targets(teacher, student_out, ref, windows, g, t_ctx: float, t_min: float, t_max: float,
-                solve_steps: int = 1) -> torch.Tensor:
-    """The teacher's clean estimate of every chunk under its asynchronous schedule (no gradient)."""
+                solve_steps: int = 1, guidance: float = 1.0) -> torch.Tensor:
+    """The teacher's clean estimate of every chunk under its asynchronous schedule (no gradient), with audio
+    guidance `guidance` (distilled into the student, which then needs one pass per step at inference)."""
     k = teacher.cfg.stream.chunk_frames
     b, n = student_out.shape[0], student_out.shape[2]
     targets = []
@@ -59,7 +60,8 @@ def asd_targets(teacher, student_out, ref, windows, g, t_ctx: float, t_min: floa
             xj = xt[:, :, start:end]
             for s in range(solve_steps):
                 t[:, start:end] = steps[:, s:s + 1]
-                v = teacher(torch.cat([xt[:, :, :start], xj], 2), t, windows[:, :end], ref)[:, :, start:end]
+                v = audio_guided(teacher, torch.cat([xt[:, :, :start], xj], 2), t, windows[:, :end], ref,
+                                 guidance)[:, :, start:end]
                 xj = xj + (steps[:, s + 1] - steps[:, s])[:, None, None, None, None] * v
             targets.append(xj)
     return torch.cat(targets, 2)
@@ -67,7 +69,7 @@ def asd_targets(teacher, student_out, ref, windows, g, t_ctx: float, t_min: floa
 
 def asd_loss(student, teacher, vae, batch, margin, g, t_ctx: float = 0.1, t_min: float = 0.2,
              t_max: float = 0.7, real_weight: float = 0.25, solve_steps: int = 1,
-             weights=None) -> tuple[torch.Tensor, dict]:
+             weights=None, guidance: float = 1.0) -> tuple[torch.Tensor, dict]:
     device = next(student.parameters()).device
     x0, ref = encode_batch(vae, batch, device)
     n = x0.shape[2]
@@ -77,7 +79,7 @@ def asd_loss(student, teacher, vae, batch, margin, g, t_ctx: float = 0.1, t_min:
     s = student.cfg.stream
     e = torch.randn(x0.shape, generator=g).to(x0)
     out = student_rollout(student, ref, ws, e, flow_schedule(s.steps, s.shift), grad_steps=1)
-    target = asd_targets(teacher, out.detach(), ref, wt, g, t_ctx, t_min, t_max, solve_steps)
+    target = asd_targets(teacher, out.detach(), ref, wt, g, t_ctx, t_min, t_max, solve_steps, guidance)
     asd = weighted_mse(out, target, weights)
     real = teacher_forced_fm(student, x0, ref, ws, g, weights)
     return asd + real_weight * real, {"asd": asd.item(), "fm": real.item()}
@@ -90,7 +92,7 @@ def cmd_distill(args) -> int:
 
     def step(i, g):
         return asd_loss(student, teacher, vae, draw(g), margin, g, args.t_ctx, args.t_min, args.t_max,
-                        args.real_weight, args.solve_steps, weights)
+                        args.real_weight, args.solve_steps, weights, args.audio_guidance)
 
     train_loop("asd", {"dit": student}, step, args.out, loop_config(args),
                lambda: export_model(student, os.path.join(args.out, "student_asd.safetensors")))
@@ -106,4 +108,5 @@ def register(sub):
     p.add_argument("--solve-steps", type=int, default=3, help="teacher Euler steps from t_j to 0 for the target")
     p.add_argument("--real-weight", type=float, default=0.25, help="teacher-forced flow matching on real clips")
     add_mouth_weight_arg(p)
+    add_audio_guidance_arg(p)
     p.set_defaults(fn=cmd_distill)

@@ -15,8 +15,8 @@ model and for the ground truth:
   second and over the last second, lip-sync over the last 10 s, and the generation speed.
 
 The teacher (--teacher, one of the --dit files) is sampled the non-streaming way (the whole clip in
-one bidirectional sequence, --teacher-steps Euler steps) and has no long-stream column: it cannot
-stream. Before the models, a metric check shows the lip-sync measure is real on the ground truth:
+one bidirectional sequence, --teacher-steps Euler steps, audio guidance --teacher-guidance) and has
+no long-stream column: it cannot stream. Before the models, a metric check shows the lip-sync measure is real on the ground truth:
 high at the true alignment, the known offset recovered when the audio is shifted by -0.5..+0.5 s,
 low with another clip's audio.
 """
@@ -159,7 +159,7 @@ def clip_windows(dit, wave: torch.Tensor, sr: int, n_latent: int) -> torch.Tenso
 
 @torch.no_grad()
 def generate_teacher(vae, dit, portrait: torch.Tensor, wave: np.ndarray, sr: int, steps: int = 16,
-                     seed: int = 0) -> np.ndarray:
+                     seed: int = 0, guidance: float = 1.0) -> np.ndarray:
     """Non-streaming: the whole clip denoised in one bidirectional sequence -> uint8 [T, H, W, 3]."""
     d = dit.cfg
     p = next(dit.parameters())
@@ -169,7 +169,7 @@ def generate_teacher(vae, dit, portrait: torch.Tensor, wave: np.ndarray, sr: int
     windows = clip_windows(dit, torch.from_numpy(wave), sr, n_latent).to(p.dtype)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((1, d.latent_channels, n_latent, d.latent_size, d.latent_size), generator=g).to(p.device, p.dtype)
-    x0 = sample_clip(dit, ref, windows, noise, flow_schedule(steps, d.stream.shift, p.device))
+    x0 = sample_clip(dit, ref, windows, noise, flow_schedule(steps, d.stream.shift, p.device), guidance=guidance)
     video = vae.decode(x0)[0].transpose(0, 1)  # (T, 3, H, W)
     return _to_uint8(video[:n_frames])
 
@@ -292,7 +292,7 @@ def format_report(check: dict, rows: list[dict], minutes: float) -> str:
 
 def evaluate(vae_path: str, dit_paths: list[str], data: str, teacher: str | None = None, minutes: float = 10.0,
              n_clips: int = 8, split: str = "test", teacher_steps: int = 16, max_offset: int = 15, seed: int = 0,
-             device: str = "cpu", progress: bool = False) -> dict:
+             device: str = "cpu", progress: bool = False, teacher_guidance: float = 1.0) -> dict:
     if not dit_paths:
         raise ValueError("give at least one --dit")
     if minutes < 0:
@@ -328,13 +328,14 @@ def evaluate(vae_path: str, dit_paths: list[str], data: str, teacher: str | None
             raise ValueError(f"{path} runs at {dit.cfg.resolution}px {dit.cfg.fps} fps, {dit_paths[0]} at "
                              f"{res}px {fps} fps: compare models of one preset")
         is_teacher = teacher is not None and path == teacher
-        row = Row(Path(path).stem, "teacher (non-streaming)" if is_teacher else "streaming")
+        name = Path(path).stem + (f" cfg {teacher_guidance:g}" if is_teacher and teacher_guidance != 1 else "")
+        row = Row(name, "teacher (non-streaming)" if is_teacher else "streaming")
         t0, frames_made = time.perf_counter(), 0
         for i, c in enumerate(clips):
             if progress:
                 print(f"\r{row.name}: clip {i + 1}/{len(clips)}", end="", file=sys.stderr, flush=True)
             portrait = portrait_of(c)
-            gen = (generate_teacher(vae, dit, portrait, c.audio, sr, teacher_steps, seed) if is_teacher
+            gen = (generate_teacher(vae, dit, portrait, c.audio, sr, teacher_steps, seed, teacher_guidance) if is_teacher
                    else generate_streaming(vae, dit, portrait, c.audio, sr, seed))
             gen = gen[: len(c.frames)]
             frames_made += len(gen)
@@ -356,7 +357,8 @@ def evaluate(vae_path: str, dit_paths: list[str], data: str, teacher: str | None
 def cmd_eval(args) -> int:
     torch.manual_seed(args.seed)
     report = evaluate(args.vae, args.dit, args.data, args.teacher, args.minutes, args.clips, args.split,
-                      args.teacher_steps, args.max_offset, args.seed, args.device, progress=True)
+                      args.teacher_steps, args.max_offset, args.seed, args.device, progress=True,
+                      teacher_guidance=args.teacher_guidance)
     print(f"held-out {report['split']} clips: {len(report['clips'])} from identities {', '.join(report['identities'])}")
     print(format_report(report["metric_check"], report["models"], report["minutes"]))
     if args.json:
@@ -378,6 +380,8 @@ def register(sub) -> None:
     p.add_argument("--clips", type=int, default=8, help="test clips, spread over identities (default 8)")
     p.add_argument("--minutes", type=float, default=10.0, help="length of the long stream (default 10; 0 = skip)")
     p.add_argument("--teacher-steps", type=int, default=16, help="Euler steps for the teacher (default 16)")
+    p.add_argument("--teacher-guidance", type=float, default=1.0,
+                   help="audio classifier-free guidance scale for the teacher (default 1 = off)")
     p.add_argument("--max-offset", type=int, default=15, help="lip-sync offset search, +- frames (default 15)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write every number to this JSON file")

@@ -18,7 +18,7 @@ from .dit import CausalDiT
 from .sampler import flow_schedule, sample_clip, sample_euler
 from .streamer import commit_chunk, new_cache
 from .train_teacher import encode_batch
-from .training import (add_common_args, add_mouth_weight_arg, clip_audio_windows, clip_sampler, drop_audio,
+from .training import (add_audio_guidance_arg, add_common_args, add_mouth_weight_arg, clip_audio_windows, clip_sampler, drop_audio,
                        export_model, latent_mouth_weights, loop_config, make_trainable, train_loop, weighted_mse)
 
 
@@ -63,7 +63,8 @@ def teacher_forced_fm(dit: CausalDiT, x0, ref, windows, g, weights=None) -> torc
 
 
 def init_student_loss(student, teacher, vae, batch, margin, g, teacher_steps: int = 8,
-                      fm_weight: float = 0.5, audio_drop: float = 0.1, weights=None) -> tuple[torch.Tensor, dict]:
+                      fm_weight: float = 0.5, audio_drop: float = 0.1, weights=None,
+                      guidance: float = 1.0) -> tuple[torch.Tensor, dict]:
     device = next(student.parameters()).device
     x0, ref = encode_batch(vae, batch, device)
     n = x0.shape[2]
@@ -73,7 +74,7 @@ def init_student_loss(student, teacher, vae, batch, margin, g, teacher_steps: in
         wt = clip_audio_windows(teacher, batch["audio"].to(device), margin, n)
         dropped = (ws == student.audio_encoder.null).all(-1).all(-1).all(-1)  # the same clips go silent
         wt = torch.where(dropped[:, None, None, None], teacher.audio_encoder.null.expand_as(wt), wt)
-        target = sample_clip(teacher, ref, wt, e, flow_schedule(teacher_steps))
+        target = sample_clip(teacher, ref, wt, e, flow_schedule(teacher_steps), guidance=guidance)
     s = student.cfg.stream
     pred = student_rollout(student, ref, ws, e, flow_schedule(s.steps, s.shift), context=target, grad_steps=s.steps)
     ode = weighted_mse(pred, target, weights)
@@ -94,7 +95,8 @@ def cmd_init_student(args) -> int:
     weights = latent_mouth_weights(student.cfg, args.mouth_weight)
 
     def step(i, g):
-        return init_student_loss(student, teacher, vae, draw(g), margin, g, args.teacher_steps, weights=weights)
+        return init_student_loss(student, teacher, vae, draw(g), margin, g, args.teacher_steps, weights=weights,
+                                 guidance=args.audio_guidance)
 
     train_loop("student", {"dit": student}, step, args.out, loop_config(args),
                lambda: export_model(student, os.path.join(args.out, "student_init.safetensors")))
@@ -106,4 +108,5 @@ def register(sub):
     add_common_args(p, needs=("vae", "teacher"))
     p.add_argument("--teacher-steps", type=int, default=8, help="Euler steps of the teacher's ODE solve")
     add_mouth_weight_arg(p)
+    add_audio_guidance_arg(p)
     p.set_defaults(fn=cmd_init_student)

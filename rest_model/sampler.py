@@ -34,15 +34,27 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.T
     return (1 - t) * x0 + t * noise
 
 
+def audio_guided(dit, x, t, audio, ref, scale: float = 1.0, **kw) -> torch.Tensor:
+    """Velocity with classifier-free guidance on the audio: v_null + scale (v_audio - v_null), where v_null
+    hears the silence embedding (the teacher learned it from its audio dropout). A teacher whose mouth follows
+    the speech only weakly is pushed further along what the speech changes; scale 1 is the plain velocity."""
+    v = dit(x, t, audio, ref, **kw)
+    if scale == 1.0:
+        return v
+    v_null = dit(x, t, dit.audio_encoder.null.expand_as(audio), ref, **kw)
+    return v_null + scale * (v - v_null)
+
+
 def sample_clip(dit, ref: torch.Tensor, audio: torch.Tensor, noise: torch.Tensor, times: torch.Tensor,
-                causal: bool = False, chunk: int = 1, context: int = 0) -> torch.Tensor:
+                causal: bool = False, chunk: int = 1, context: int = 0, guidance: float = 1.0) -> torch.Tensor:
     """Whole-clip sampling in one sequence: the bidirectional teacher (causal=False), or the student
     seen all at once under its block-causal mask. noise: (B, Cz, T, h, w); audio: (B, T, W, A) windows.
     Every frame shares the same time here; per-frame times are for training (diffusion forcing, ASD).
+    `guidance` > 1 applies audio classifier-free guidance (`audio_guided`) at every step.
     """
     b, f = noise.shape[0], noise.shape[2]
 
     def velocity(x, t):
-        return dit(x, t.expand(b, f), audio, ref, causal=causal, chunk=chunk, context=context)
+        return audio_guided(dit, x, t.expand(b, f), audio, ref, guidance, causal=causal, chunk=chunk, context=context)
 
     return sample_euler(velocity, noise, times)

@@ -249,6 +249,12 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
     return err.mean() if weights is None else (err * weights.to(err)).mean()
 
 
+def add_audio_guidance_arg(p):
+    p.add_argument("--audio-guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale on the audio for the teacher's targets (1 = off); "
+                        "the student learns the guided result and still runs one pass per step")
+
+
 def add_mouth_weight_arg(p):
     p.add_argument("--mouth-weight", type=float, default=0.0,
                    help="extra loss weight on the latent cells over the mouth region (0 = off)")

@@ -171,6 +171,8 @@ def test_teacher_generation_matches_clip_length(tiny):
     wave = np.random.default_rng(0).normal(0, 0.1, 37 * 640).astype(np.float32)
     frames = evaluate.generate_teacher(vae, dit, torch_zeros_portrait(dit), wave, 16000, steps=2)
     assert frames.shape == (37, 32, 32, 3) and frames.dtype == np.uint8
+    guided = evaluate.generate_teacher(vae, dit, torch_zeros_portrait(dit), wave, 16000, steps=2, guidance=3.0)
+    assert guided.shape == frames.shape and (guided != frames).any()  # --teacher-guidance reaches the sampler
     streamed = evaluate.generate_streaming(vae, dit, torch_zeros_portrait(dit), wave, 16000)
     assert streamed.shape == frames.shape
 

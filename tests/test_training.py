@@ -371,3 +371,33 @@ def test_stages_refuse_data_prepared_for_another_preset(tmp_path, capsys):
     assert "32px with 320 audio samples per frame, the model 32px with 640" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing was trained or written
     assert main(["train-vae", "--data", str(slow), *common]) == 0  # the VAE never hears the audio
+
+
+def test_audio_guidance_is_classifier_free_guidance_on_the_speech_and_reaches_the_student_stages(tiny):
+    """audio_guided = v_null + s (v_audio - v_null) with the silence embedding as the null; scale 1 is the plain
+    velocity, silence is unchanged by any scale; init-student's ODE targets and ASD's targets use it."""
+    from rest_model.dit import audio_windows
+    from rest_model.sampler import audio_guided
+    vae, teacher = tiny
+    student = random_model("tiny", seed=1)[1]
+    c = teacher.cfg
+    x, t = torch.randn(1, 8, 4, 4, 4), torch.full((1, 4), 0.6)
+    audio = audio_windows(torch.randn(1, (4 + 2) * 4, c.audio.dim), c)
+    null = teacher.audio_encoder.null.expand_as(audio)
+    ref = torch.randn(1, 8, 1, 4, 4)
+    with torch.no_grad():
+        v, v_null = teacher(x, t, audio, ref), teacher(x, t, null, ref)
+        assert not torch.allclose(v, v_null)  # the speech matters to this teacher
+        torch.testing.assert_close(audio_guided(teacher, x, t, audio, ref, 1.0), v)
+        torch.testing.assert_close(audio_guided(teacher, x, t, audio, ref, 3.0), v_null + 3 * (v - v_null))
+        torch.testing.assert_close(audio_guided(teacher, x, t, null, ref, 3.0), v_null)
+        clips = toy_clips()
+        margin, frames = audio_margin(c), clip_frames(c, 2)
+        batch = _batch(clips, frames, margin, torch.Generator().manual_seed(0))
+        for name, loss in {
+            "init": lambda s: init_student_loss(student, teacher, vae, batch, margin, torch.Generator().manual_seed(1),
+                                                teacher_steps=2, audio_drop=0.0, guidance=s)[0],
+            "asd": lambda s: asd_loss(student, teacher, vae, batch, margin, torch.Generator().manual_seed(1),
+                                      guidance=s)[0],
+        }.items():
+            assert abs(loss(4.0).item() - loss(1.0).item()) > 1e-4 * loss(1.0).item(), f"{name} ignores guidance"
