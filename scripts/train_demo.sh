@@ -3,7 +3,7 @@
 # Every stage spends extra loss weight on the mouth region (--mouth-weight): lip-sync lives in a few pixels
 # (VAE) and a few latent cells (DiT stages) that an unweighted loss leaves for last.
 # Every stage resumes from its last snapshot, so re-running this after an interruption continues.
-#   bash scripts/train_demo.sh [RUN_DIR]      (default runs/demo; about 3 hours on 2 CPU cores)
+#   bash scripts/train_demo.sh [RUN_DIR]      (default runs/demo; about 3.5 hours on 2 CPU cores)
 # Step counts can be overridden: VAE_STEPS, TEACHER_STEPS, STUDENT_STEPS, ASD_STEPS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,8 @@ done
 $PY -m rest_model init-student "${common[@]}" "${dit[@]}" --vae "$VAE" --teacher "$RUN/ckpt/teacher.safetensors" \
     --steps "${STUDENT_STEPS:-300}" --batch 4 --chunks 3 --lr 2e-4
 $PY -m rest_model distill "${common[@]}" "${dit[@]}" --vae "$VAE" --teacher "$RUN/ckpt/teacher.safetensors" \
-    --student "$RUN/ckpt/student_init.safetensors" --steps "${ASD_STEPS:-200}" --batch 4 --chunks 3 --lr 1e-4
+    --student "$RUN/ckpt/student_init.safetensors" --steps "${ASD_STEPS:-200}" --batch 4 --chunks 3 --lr 1e-4 \
+    --audio-guidance 4
 mkdir -p models/demo
 # float16 storage halves the files (the loaders cast back to float32)
 $PY -m rest_model export --in "$VAE" --out models/demo/rest_vae_demo.safetensors
