@@ -29,8 +29,8 @@ import torch
 from .init_student import load_student_stage, student_rollout, teacher_forced_fm
 from .sampler import audio_guided, flow_schedule
 from .train_teacher import encode_batch
-from .training import (add_audio_guidance_arg, add_common_args, add_mouth_weight_arg, clip_audio_windows, clip_sampler, export_model,
-                       latent_mouth_weights, loop_config, train_loop, weighted_mse)
+from .training import (add_audio_guidance_arg, add_common_args, add_mouth_weight_arg, clip_audio_windows,
+                       clip_sampler, export_model, latent_mouth_weights, loop_config, train_loop, weighted_mse)
 
 
 def asynchronous_times(n_frames: int, chunk: int, j: int, t_ctx: float, t_j: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,9 @@ from .dit import CausalDiT
 from .sampler import flow_schedule, sample_clip, sample_euler
 from .streamer import commit_chunk, new_cache
 from .train_teacher import encode_batch
-from .training import (add_audio_guidance_arg, add_common_args, add_mouth_weight_arg, clip_audio_windows, clip_sampler, drop_audio,
-                       export_model, latent_mouth_weights, loop_config, make_trainable, train_loop, weighted_mse)
+from .training import (add_audio_guidance_arg, add_common_args, add_mouth_weight_arg, clip_audio_windows,
+                       clip_sampler, drop_audio, export_model, latent_mouth_weights, loop_config, make_trainable,
+                       train_loop, weighted_mse)
 
 
 def student_rollout(dit: CausalDiT, ref, windows, noise, times, context: torch.Tensor | None = None,
