@@ -80,7 +80,8 @@ class Row:
     def summary(self) -> dict:
         m = lambda v: float(np.mean(v)) if len(v) else float("nan")  # noqa: E731
         return dict(name=self.name, kind=self.kind, sync=m(self.sync), sync_chance=m(self.chance),
-                    abs_offset=m(np.abs(self.offset)), confidence=m(self.conf), flicker=m(self.flicker), gen_fps=self.fps, **self.long)
+                    abs_offset=m(np.abs(self.offset)), confidence=m(self.conf), flicker=m(self.flicker),
+                    gen_fps=self.fps, **self.long)
 
 
 # ---------------------------------------------------------------------------------------------
