@@ -13,7 +13,7 @@ import os
 import torch
 
 from . import checkpoint
-from .config import check_compatible, preset
+from .config import check_compatible, preset, to_json
 from .dit import CausalDiT
 from .training import (add_common_args, add_mouth_weight_arg, chunked_times, clip_audio_windows, clip_sampler,
                        drop_audio, export_model, latent_mouth_weights, loop_config, train_loop, weighted_mse)
@@ -54,11 +54,20 @@ def cmd_train_teacher(args) -> int:
     vae = checkpoint.load_vae(args.vae, args.device)
     cfg = preset(args.preset).dit
     cfg.audio.backbone = args.audio_backbone
-    dit = CausalDiT(cfg)
-    if args.audio_backbone_weights:
-        dit.audio_encoder.load_backbone_weights(args.audio_backbone_weights)
+    if args.init:  # e.g. carry a trained teacher over to a fine-tuned VAE's latents
+        dit = checkpoint.load_dit(args.init, args.device).requires_grad_(True)
+        if to_json(dit.cfg) != to_json(cfg):
+            raise ValueError(f"--init {args.init} is not a {args.preset} teacher with the "
+                             f"{args.audio_backbone} audio front end")
+    else:
+        dit = CausalDiT(cfg)
+        if args.audio_backbone_weights:
+            dit.audio_encoder.load_backbone_weights(args.audio_backbone_weights)
     dit.to(args.device)
-    check_compatible(vae.cfg, dit.cfg)
+    try:
+        check_compatible(vae.cfg, dit.cfg)
+    except ValueError as e:
+        raise ValueError(f"the teacher does not fit {args.vae}: {e}") from None
     draw, margin = clip_sampler(args, dit.cfg)
     weights = latent_mouth_weights(dit.cfg, args.mouth_weight)
 
@@ -77,5 +86,7 @@ def register(sub):
                    help="audio front end: log-mel (default) or a frozen torchaudio wav2vec2/HuBERT base")
     p.add_argument("--audio-backbone-weights", help="the backbone's weights: .safetensors of the torchaudio "
                    "model's state dict (yours; nothing is downloaded)")
+    p.add_argument("--init", help="start from this teacher checkpoint instead of from scratch (a fresh optimizer "
+                   "and schedule; the run folder's own snapshot, if any, still wins)")
     add_mouth_weight_arg(p)
     p.set_defaults(fn=cmd_train_teacher)

@@ -300,18 +300,11 @@ def test_region_weights_and_the_learning_rate_schedule():
 def test_decoder_only_fine_tune_keeps_the_latents(tmp_path):
     """train-vae --init F --decoder-only: the decoder trains, the encoder (so every latent a DiT was
     trained on, and the latent scale) stays bit-identical."""
-    import json
-    from safetensors.torch import save_file
     from rest_model.cli import main
     vae, _ = random_model("tiny")
     vae.cfg.scaling_factor = 0.7
     checkpoint.save(vae, tmp_path / "v.safetensors")
-    data = tmp_path / "data"
-    data.mkdir()
-    video, audio = toy_clips(1, 16)[0]
-    save_file({"video": video, "audio": audio}, data / "c.safetensors")
-    (data / "index.json").write_text(json.dumps({"fps": 25, "resolution": 32, "sample_rate": 16000, "clips": [
-        {"file": "c.safetensors", "identity": "a", "frames": 16, "split": "train"}]}))
+    data = _tiny_dataset(tmp_path / "data")
     assert main(["train-vae", "--data", str(data), "--out", str(tmp_path / "run"), "--preset", "tiny", "--steps", "3",
                  "--batch", "1", "--chunks", "1", "--lr", "1e-2", "--init", str(tmp_path / "v.safetensors"),
                  "--decoder-only", "--device", "cpu"]) == 0
@@ -319,6 +312,42 @@ def test_decoder_only_fine_tune_keeps_the_latents(tmp_path):
     assert tuned.cfg.scaling_factor == 0.7
     for (k, a), b in zip(vae.state_dict().items(), tuned.state_dict().values()):
         assert torch.equal(a, b) == k.startswith("encoder."), k
+
+
+def _tiny_dataset(root):
+    import json
+    from safetensors.torch import save_file
+    root.mkdir()
+    video, audio = toy_clips(1, 16)[0]
+    save_file({"video": video, "audio": audio}, root / "c.safetensors")
+    (root / "index.json").write_text(json.dumps({"fps": 25, "resolution": 32, "sample_rate": 16000, "clips": [
+        {"file": "c.safetensors", "identity": "a", "frames": 16, "split": "train"}]}))
+    return root
+
+
+def test_teacher_init_starts_from_a_trained_teacher_and_refuses_another_preset(tmp_path, capsys):
+    """train-teacher --init F (a teacher carried over to a fine-tuned VAE) starts from F's weights, not from
+    a fresh network; a teacher of another size is refused by name."""
+    from rest_model.cli import main
+    from rest_model.config import preset
+    from rest_model.dit import CausalDiT
+    vae, teacher = random_model("tiny", seed=3)
+    checkpoint.save(vae, tmp_path / "v.safetensors")
+    checkpoint.save(teacher, tmp_path / "t.safetensors")
+    data = _tiny_dataset(tmp_path / "data")
+    common = ["--data", str(data), "--preset", "tiny", "--vae", str(tmp_path / "v.safetensors"), "--steps", "1",
+              "--batch", "1", "--chunks", "1", "--lr", "1e-9", "--device", "cpu"]
+    assert main(["train-teacher", *common, "--out", str(tmp_path / "a"), "--init", str(tmp_path / "t.safetensors")]) == 0
+    assert main(["train-teacher", *common, "--out", str(tmp_path / "b")]) == 0
+    init, fresh = (checkpoint.load_dit(tmp_path / r / "teacher.safetensors") for r in "ab")
+    for k, v in teacher.state_dict().items():
+        assert torch.allclose(init.state_dict()[k], v, atol=1e-6), k
+    assert any(not torch.allclose(fresh.state_dict()[k], v, atol=1e-3) for k, v in teacher.state_dict().items())
+    other = preset("tiny").dit
+    other.depth = 1
+    checkpoint.save(CausalDiT(other), tmp_path / "o.safetensors")
+    assert main(["train-teacher", *common, "--out", str(tmp_path / "c"), "--init", str(tmp_path / "o.safetensors")]) == 2
+    assert "o.safetensors is not a tiny teacher" in capsys.readouterr().err
 
 
 def test_student_stages_refuse_a_teacher_that_does_not_fit_the_vae(tmp_path, capsys):
