@@ -190,6 +190,20 @@ def lip_sync(frames, wave, sr: int, fps: int = 25, max_offset: int = 15) -> Sync
     return sync_score(mouth_openness(a), audio_open, max_offset)
 
 
+def mouth_motion(frames, group: int, roi=MOUTH_ROI) -> tuple[float, float]:
+    """Mean |frame-to-frame change| of luminance (0-255) in the mouth region -> (inside, across): between
+    frames of the same `group`-frame group (what one latent frame of a VAE with temporal compression
+    `group` must carry) and between the last frame of a group and the first of the next."""
+    a = _as_float_frames(frames)
+    if len(a) < group + 1 or group < 2:
+        raise ValueError(f"need group >= 2 and more than {group} frames, got group {group}, {len(a)} frames")
+    ys, xs = _box(a.shape[1:3], roi)
+    lum = a[:, ys, xs] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    d = np.abs(np.diff(lum, axis=0)).reshape(len(lum) - 1, -1).mean(1)
+    inside = np.arange(len(d)) % group != group - 1
+    return float(d[inside].mean()), float(d[~inside].mean())
+
+
 def shift_audio(wave, samples: int) -> np.ndarray:
     """Delay (+) or advance (-) a waveform by a number of samples, keeping its length (silence fills)."""
     w = np.asarray(wave, dtype=np.float32)

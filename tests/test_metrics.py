@@ -121,6 +121,21 @@ def test_flicker_and_static_mask():
         metrics.flicker(moving, np.zeros((32, 32), bool))
 
 
+def test_mouth_motion_inside_and_across_latent_frame_groups(clips):
+    """A clip whose frames are frozen per 4-frame group (a VAE that decodes a latent as one still frame)
+    has no mouth motion inside the groups but keeps it across them; the true clip moves inside them too."""
+    frames = clips[0][0]
+    n = len(frames) // 4 * 4
+    frozen = np.repeat(frames[:n:4], 4, axis=0)
+    inside, across = metrics.mouth_motion(frames[:n], 4)
+    f_inside, f_across = metrics.mouth_motion(frozen, 4)
+    assert inside > 0.5 and across > 0.5
+    assert f_inside == 0.0 and f_across > 0.5
+    assert metrics.mouth_motion(frozen, 8)[0] > 0.1  # 8-frame groups hold the 4-frame steps inside them
+    with pytest.raises(ValueError, match="group"):
+        metrics.mouth_motion(frames[:4], 4)
+
+
 # ---------------------------------------------------------------------------------------------
 # the eval command, end to end with tiny untrained models
 # ---------------------------------------------------------------------------------------------
@@ -160,6 +175,10 @@ def test_eval_command_side_by_side(tiny, tiny_dataset, tmp_path, capsys):
     # is the metric check's mismatched-audio reading
     assert gt["sync_chance"] == pytest.approx(report["metric_check"]["mismatched_sync"])
     assert gt["sync_chance"] != pytest.approx(gt["sync"]) and "chance" in out
+    # in-group mouth motion is relative to the ground truth's own; an untrained VAE does not copy it
+    assert gt["mouth_motion_in_group"] == 1.0 and "in-grp" in out
+    assert all(np.isfinite(r["mouth_motion_in_group"]) and r["mouth_motion_in_group"] != 1.0
+               for r in (ceiling, teacher, student))
     assert "id_psnr_end" not in teacher  # the teacher cannot stream
     assert student["long_frames"] == student["expected_frames"] == 60  # 0.04 min at 25 fps
     assert np.isfinite([student["id_psnr_start"], student["id_ssim_end"], student["long_flicker"]]).all()
