@@ -280,7 +280,8 @@ def format_report(check: dict, rows: list[dict], minutes: float) -> str:
              "  audio shifted by: " + ", ".join(f"{k} -> found {v:+.0f}f" for k, v in check["shift_found"].items()),
              f"  offset error {check['shift_mean_abs_error_frames']:.2f} frames on average, "
              f"{100 * check['shift_within_1_frame']:.0f}% within one frame", ""]
-    head = (f"{'model':<28} {'kind':<24} {'sync':>6} {'chance':>6} {'|off|':>5} {'conf':>6} {'in-grp':>6} {'flicker':>7} "
+    head = (f"{'model':<28} {'kind':<24} {'sync':>6} {'chance':>6} {'|off|':>5} {'conf':>6} {'in-grp':>6} "
+            f"{'flicker':>7} "
             f"{'PSNR@0':>7} {'SSIM@0':>6} {'PSNR@end':>8} {'SSIM@end':>8} {'sync@end':>8} {'fps':>6}")
     lines += [f"side by side (clip metrics on {rows[0].get('clips', '?')} held-out clips; "
               f"@end = after {minutes:g} min of streaming):", head, "-" * len(head)]
@@ -295,7 +296,8 @@ def format_report(check: dict, rows: list[dict], minutes: float) -> str:
               "offset in frames; chance: the same frames scored against another clip's speech (lip-sync is real only "
               "well above it); conf: best minus median over offsets; in-grp: mouth motion between the frames that "
               "share a latent frame, as a fraction of the ground truth's (0: the VAE decodes a latent as one still "
-              "frame, and the mouth moves only once per latent); flicker: mean |frame-to-frame change| (0-255) "
+              "frame, and the mouth moves only once per latent; noise counts as motion too, so read it beside "
+              "flicker); flicker: mean |frame-to-frame change| (0-255) "
               "in regions static in the ground truth; PSNR/SSIM: face region vs the portrait over the first / last "
               "second of the long stream; fps: generation speed of the long stream."]
     return "\n".join(lines)
