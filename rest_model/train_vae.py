@@ -14,7 +14,7 @@ from torch.func import functional_call
 from . import checkpoint
 from .config import preset
 from .training import (add_common_args, clip_frames, export_model, loop_config, region_weights, sample_batch,
-                       train_loop, training_data)
+                       train_loop, training_data, weighted_mean)
 from .vae import CausalPad, CausalVAE
 
 
@@ -35,8 +35,7 @@ class PatchDiscriminator(nn.Module):
 
 def motion_l1(rec: torch.Tensor, video: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean |change of rec - change of video| between consecutive frames ([B, C, T, H, W]), region-weighted."""
-    err = (rec.diff(dim=2) - video.diff(dim=2)).abs()
-    return err.mean() if weights is None else (err * weights.to(err)).mean()
+    return weighted_mean((rec.diff(dim=2) - video.diff(dim=2)).abs(), weights)
 
 
 def vae_loss(vae: CausalVAE, video: torch.Tensor, g: torch.Generator, kl_weight: float = 1e-4,
@@ -54,8 +53,7 @@ def vae_loss(vae: CausalVAE, video: torch.Tensor, g: torch.Generator, kl_weight:
         mean, logvar = vae.encode_dist(video)
     z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g).to(mean)
     rec = vae.decoder(z, CausalPad())
-    err = (rec - video).abs()
-    l1 = err.mean() if weights is None else (err * weights.to(err)).mean()
+    l1 = weighted_mean((rec - video).abs(), weights)
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
     loss, logs = l1 + kl_weight * kl, {"l1": l1.item(), "kl": kl.item()}
     if motion_weight > 0:

@@ -244,9 +244,13 @@ def latent_mouth_weights(cfg: DiTConfig, mouth_weight: float) -> torch.Tensor | 
     return w / w.mean()
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    err = (pred - target).pow(2)
+def weighted_mean(err: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of a per-pixel (or per-cell) error under region weights broadcast over its last two axes."""
     return err.mean() if weights is None else (err * weights.to(err)).mean()
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    return weighted_mean((pred - target).pow(2), weights)
 
 
 def add_audio_guidance_arg(p):
