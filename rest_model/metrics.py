@@ -34,6 +34,11 @@ def _as_float_frames(frames) -> np.ndarray:
     return a.astype(np.float32, copy=False)
 
 
+def _luma(a: np.ndarray) -> np.ndarray:
+    """Rec. 601 luminance of RGB along the last axis (float32 in, float32 out)."""
+    return a @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
 def _box(shape, box):
     h, w = shape
     t, b, l, r = box
@@ -127,8 +132,7 @@ def mouth_openness(frames, roi=MOUTH_ROI) -> np.ndarray:
     import cv2
     a = _as_float_frames(frames)
     ys, xs = _box(a.shape[1:3], roi)
-    reg = a[:, ys, xs]
-    lum = reg @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    lum = _luma(a[:, ys, xs])
     ref = np.median(lum.reshape(len(lum), -1), axis=1)[:, None, None]
     dark = np.clip((0.5 * ref - lum) / np.maximum(0.25 * ref, 1e-3), 0, 1)
     out = np.empty(len(dark), np.float32)
@@ -198,7 +202,7 @@ def mouth_motion(frames, group: int, roi=MOUTH_ROI) -> tuple[float, float]:
     if len(a) < group + 1 or group < 2:
         raise ValueError(f"need group >= 2 and more than {group} frames, got group {group}, {len(a)} frames")
     ys, xs = _box(a.shape[1:3], roi)
-    lum = a[:, ys, xs] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    lum = _luma(a[:, ys, xs])
     d = np.abs(np.diff(lum, axis=0)).reshape(len(lum) - 1, -1).mean(1)
     inside = np.arange(len(d)) % group != group - 1
     return float(d[inside].mean()), float(d[~inside].mean())
@@ -240,8 +244,7 @@ def ssim(a, b, box=None) -> float:
     """SSIM (Wang et al. 2004: Gaussian window sigma 1.5, K1 0.01, K2 0.03) on luminance."""
     import cv2
     x, y = _paired(a, b, box)
-    w = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    x, y = (x @ w).astype(np.float64), (y @ w).astype(np.float64)
+    x, y = _luma(x).astype(np.float64), _luma(y).astype(np.float64)
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 
     def blur(z):
@@ -268,7 +271,7 @@ def static_mask(frames, threshold: float = 2.0, erode: int = 2) -> np.ndarray:
     (0-255 scale), eroded so that edges of moving parts are not counted -> bool [H, W]."""
     import cv2
     a = _as_float_frames(frames)
-    lum = a @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    lum = _luma(a)
     m = (lum.std(0) < threshold).astype(np.uint8)
     if erode > 0:
         m = cv2.erode(m, np.ones((2 * erode + 1, 2 * erode + 1), np.uint8))
