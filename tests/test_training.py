@@ -327,7 +327,7 @@ def _tiny_dataset(root):
 
 def test_teacher_init_starts_from_a_trained_teacher_and_refuses_another_preset(tmp_path, capsys):
     """train-teacher --init F (a teacher carried over to a fine-tuned VAE) starts from F's weights, not from
-    a fresh network; a teacher of another size is refused by name."""
+    a fresh network; a teacher of another size is refused by name, and so is a VAE of another latent layout."""
     from rest_model.cli import main
     from rest_model.config import preset
     from rest_model.dit import CausalDiT
@@ -348,6 +348,13 @@ def test_teacher_init_starts_from_a_trained_teacher_and_refuses_another_preset(t
     checkpoint.save(CausalDiT(other), tmp_path / "o.safetensors")
     assert main(["train-teacher", *common, "--out", str(tmp_path / "c"), "--init", str(tmp_path / "o.safetensors")]) == 2
     assert "o.safetensors is not a tiny teacher" in capsys.readouterr().err
+    from rest_model.vae import CausalVAE
+    narrow = preset("tiny").vae
+    narrow.latent_channels = 4
+    checkpoint.save(CausalVAE(narrow), tmp_path / "v4.safetensors")
+    other_vae = [a if a != str(tmp_path / "v.safetensors") else str(tmp_path / "v4.safetensors") for a in common]
+    assert main(["train-teacher", *other_vae, "--out", str(tmp_path / "d")]) == 2
+    assert "the teacher does not fit" in (err := capsys.readouterr().err) and "v4.safetensors" in err
 
 
 def test_student_stages_refuse_a_teacher_that_does_not_fit_the_vae(tmp_path, capsys):
