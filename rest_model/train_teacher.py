@@ -15,6 +15,7 @@ import torch
 from . import checkpoint
 from .config import check_compatible, preset, to_json
 from .dit import CausalDiT
+from .relayout import relayout_dit
 from .training import (add_common_args, add_mouth_weight_arg, chunked_times, clip_audio_windows, clip_sampler,
                        drop_audio, export_model, latent_mouth_weights, loop_config, train_loop, weighted_mse)
 from .vae import CausalVAE
@@ -55,10 +56,14 @@ def cmd_train_teacher(args) -> int:
     cfg = preset(args.preset).dit
     cfg.audio.backbone = args.audio_backbone
     if args.init:  # e.g. carry a trained teacher over to a fine-tuned VAE's latents
-        dit = checkpoint.load_dit(args.init, args.device).requires_grad_(True)
+        dit = checkpoint.load_dit(args.init, args.device)
         if to_json(dit.cfg) != to_json(cfg):
-            raise ValueError(f"--init {args.init} is not a {args.preset} teacher with the "
-                             f"{args.audio_backbone} audio front end")
+            try:  # another temporal layout: carry the weights over (relayout.py)
+                dit = relayout_dit(dit, cfg)
+            except ValueError as e:
+                raise ValueError(f"--init {args.init} is not a {args.preset} teacher with the "
+                                 f"{args.audio_backbone} audio front end: {e}") from None
+        dit.requires_grad_(True)
     else:
         dit = CausalDiT(cfg)
         if args.audio_backbone_weights:
@@ -87,6 +92,7 @@ def register(sub):
     p.add_argument("--audio-backbone-weights", help="the backbone's weights: .safetensors of the torchaudio "
                    "model's state dict (yours; nothing is downloaded)")
     p.add_argument("--init", help="start from this teacher checkpoint instead of from scratch (a fresh optimizer "
-                   "and schedule; the run folder's own snapshot, if any, still wins)")
+                   "and schedule; the run folder's own snapshot, if any, still wins; one of another temporal layout is "
+                   "carried over: see relayout.py)")
     add_mouth_weight_arg(p)
     p.set_defaults(fn=cmd_train_teacher)

@@ -13,6 +13,7 @@ from torch.func import functional_call
 
 from . import checkpoint
 from .config import preset
+from .relayout import relayout_vae
 from .training import (add_common_args, clip_frames, export_model, loop_config, region_weights, sample_batch,
                        train_loop, training_data, weighted_mean)
 from .vae import CausalPad, CausalVAE
@@ -81,9 +82,15 @@ def cmd_train_vae(args) -> int:
     p = preset(args.preset)
     data = training_data(args.data, p.dit, clip_frames(p.dit, args.chunks))
     if args.init:
-        vae = checkpoint.load_vae(args.init, args.device).requires_grad_(True)
-        if vae.cfg.latent_channels != p.vae.latent_channels or vae.cfg.spatial_compression != p.vae.spatial_compression:
+        vae = checkpoint.load_vae(args.init, args.device)
+        if vae.cfg.temporal_compression != p.vae.temporal_compression:
+            try:  # another tc: carry the weights over (relayout.py) instead of training from scratch
+                vae = relayout_vae(vae, p.vae)
+            except ValueError as e:
+                raise ValueError(f"--init {args.init} is not a {args.preset} VAE: {e}") from None
+        elif vae.cfg.latent_channels != p.vae.latent_channels or vae.cfg.spatial_compression != p.vae.spatial_compression:
             raise ValueError(f"--init {args.init} is not a {args.preset} VAE")
+        vae.requires_grad_(True)
     else:
         vae = CausalVAE(p.vae).to(args.device)
     if args.decoder_only:
@@ -114,7 +121,8 @@ def register(sub):
     p = sub.add_parser("train-vae", help="stage 1: train the causal VAE on a prepared dataset")
     add_common_args(p)
     p.add_argument("--kl-weight", type=float, default=1e-4)
-    p.add_argument("--init", help="start from this VAE checkpoint instead of from scratch")
+    p.add_argument("--init", help="start from this VAE checkpoint instead of from scratch (one of another temporal compression is "
+                   "carried over: see relayout.py)")
     p.add_argument("--decoder-only", action="store_true", help="fine-tune only the decoder of --init: the "
                    "encoder and so the latents (and any DiT trained on them) stay valid")
     p.add_argument("--adv-weight", type=float, default=0.0, help="hinge GAN weight (0 = off)")

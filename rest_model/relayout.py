@@ -1,0 +1,89 @@
+"""Carry trained weights over to another temporal compression (video frames per latent frame).
+
+Training a VAE and a teacher from scratch costs hours on a CPU; a model with another tc mostly needs
+what the trained one already knows (faces, mouths, the latent space, the audio-to-mouth map). Only a
+few tensors depend on tc, and these functions re-lay them so that the carried model starts where the
+source stands:
+
+- VAE: the encoder's input conv and the decoder's output conv see tc frames stacked as channels. The
+  encoder's per-frame weights are summed (or split) across the frames that merge (or divide), and the
+  decoder's are averaged (or repeated). On a still video the carried VAE then gives exactly the source's
+  latent, and decodes each group of frames to the mean of the source's frames for it
+  (tests/test_relayout.py), so a DiT trained on the source's latents still fits it.
+- DiT: the audio cross-attention's window embedding is indexed by video frame within the window;
+  each new window position takes the source's embedding for the same frame offset from the latent
+  frame's start (clamped at the ends). Nothing else in the DiT depends on tc.
+Everything else is copied as is; fine-tuning then teaches the model the motion inside the new groups.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from einops import rearrange, reduce, repeat
+
+from .config import DiTConfig, VAEConfig, to_json
+from .dit import CausalDiT
+from .vae import CausalVAE
+
+
+def _frame_ratio(src_tc: int, dst_tc: int) -> tuple[int, bool]:
+    """(r, merge): dst groups merge r source frame slots (dst_tc < src_tc) or split each into r."""
+    big, small = max(src_tc, dst_tc), min(src_tc, dst_tc)
+    if big % small:
+        raise ValueError(f"cannot carry temporal compression {src_tc} over to {dst_tc}: one must divide the other")
+    return big // small, dst_tc < src_tc
+
+
+def relayout_vae(src: CausalVAE, cfg: VAEConfig) -> CausalVAE:
+    """A VAE of config `cfg` carrying `src`'s weights; `cfg` may differ from src's only in tc."""
+    a, b = dataclasses.replace(src.cfg, temporal_compression=0), dataclasses.replace(cfg, temporal_compression=0)
+    b.scaling_factor = a.scaling_factor
+    if to_json(a) != to_json(b):
+        raise ValueError("only the temporal compression can be carried over; the VAEs differ in more "
+                         f"({to_json(src.cfg)} vs {to_json(cfg)})")
+    cfg = dataclasses.replace(cfg, scaling_factor=src.cfg.scaling_factor)  # the latent space is carried too
+    r, merge = _frame_ratio(src.cfg.temporal_compression, cfg.temporal_compression)
+    p = cfg.patch_size
+    state = dict(src.state_dict())
+
+    def slots(w, pattern_in, pattern_out, fn, **kw):
+        return fn(w, f"{pattern_in} -> {pattern_out}", **kw, c=3, ph=p, pw=p)
+
+    w = state["encoder.conv_in.conv.weight"]  # (out, c*pt*ph*pw, kt, ks, ks): a sum over frames stays a sum
+    if merge:
+        w = slots(w, "o (c pt r ph pw) k y x", "o (c pt ph pw) k y x", reduce, reduction="sum", r=r)
+    else:
+        w = slots(w, "o (c pt ph pw) k y x", "o (c pt r ph pw) k y x", repeat, r=r) / r
+    state["encoder.conv_in.conv.weight"] = w
+    for name in ("decoder.conv_out.weight", "decoder.conv_out.bias"):  # each output frame: the mean of its sources
+        w, extra = state[name], state[name].dim() - 1
+        tail = " ".join(f"s{i}" for i in range(extra))
+        if merge:
+            w = slots(w, f"(c pt r ph pw) {tail}", f"(c pt ph pw) {tail}", reduce, reduction="mean", r=r)
+        else:
+            w = slots(w, f"(c pt ph pw) {tail}", f"(c pt r ph pw) {tail}", repeat, r=r)
+        state[name] = w
+    vae = CausalVAE(cfg)
+    vae.load_state_dict(state)
+    return vae.to(next(src.parameters()).device)
+
+
+def window_offsets(cfg: DiTConfig) -> torch.Tensor:
+    """Video-frame offset of each audio-window position from its latent frame's first frame."""
+    return torch.arange(cfg.audio_window) - cfg.audio_context * cfg.temporal_compression
+
+
+def relayout_dit(src: CausalDiT, cfg: DiTConfig) -> CausalDiT:
+    """A DiT of config `cfg` carrying `src`'s weights; `cfg` may differ only in the temporal layout
+    (temporal_compression, audio_context) and in how it streams."""
+    keep = dict(temporal_compression=0, audio_context=0, stream=None)
+    if to_json(dataclasses.replace(src.cfg, **keep)) != to_json(dataclasses.replace(cfg, **keep)):
+        raise ValueError("only the temporal layout (temporal_compression, audio_context, stream) can be carried "
+                         f"over; the DiTs differ in more ({to_json(src.cfg)} vs {to_json(cfg)})")
+    src_off, dst_off = window_offsets(src.cfg), window_offsets(cfg)
+    index = (dst_off - src_off[0]).clamp(0, len(src_off) - 1)
+    state = {k: (v[index] if k.endswith("audio_attn.pos") else v) for k, v in src.state_dict().items()}
+    dit = CausalDiT(cfg)
+    dit.load_state_dict(state)
+    return dit.to(next(src.parameters()).device)

@@ -1,0 +1,100 @@
+"""Carrying a VAE / DiT over to another temporal compression keeps what the source knows."""
+import dataclasses
+
+import pytest
+import torch
+
+from rest_model import checkpoint
+from rest_model.cli import main, random_model
+from rest_model.config import preset
+from rest_model.relayout import relayout_dit, relayout_vae, window_offsets
+from test_training import _tiny_dataset
+
+
+def _still(vae, frames=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(1, 3, 1, 32, 32, generator=g) * 2 - 1
+    return image.expand(-1, -1, frames, -1, -1)
+
+
+@pytest.mark.parametrize("dst_tc", [2, 8])
+@torch.no_grad()
+def test_carried_vae_gives_the_source_latent_of_a_still_video(dst_tc):
+    """Merging (4 -> 2) or splitting (4 -> 8) frame groups: on a still video the latent is the source's
+    exactly, and each decoded frame is the mean of the source's frames it stands for (merge) or one of them
+    repeated (split), so a DiT trained on the source's latents still fits."""
+    src, _ = random_model("tiny", seed=1)
+    src.cfg.scaling_factor = 0.8
+    dst = relayout_vae(src, dataclasses.replace(src.cfg, temporal_compression=dst_tc, scaling_factor=1.0))
+    assert dst.cfg.temporal_compression == dst_tc and dst.cfg.scaling_factor == 0.8
+    video = _still(src, 16)
+    z_src, z_dst = src.encode(video), dst.encode(video)
+    assert z_dst.shape[2] == 16 // dst_tc
+    assert torch.allclose(z_dst, z_src[:, :, :1].expand_as(z_dst), atol=1e-5)
+    out_src, out_dst = src.decode(z_src)[:, :, :4], dst.decode(z_dst)[:, :, :8]
+    if dst_tc == 2:
+        expected = torch.stack([out_src[:, :, 0:2].mean(2), out_src[:, :, 2:4].mean(2)], 2).repeat(1, 1, 4, 1, 1)
+    else:
+        expected = out_src.repeat_interleave(2, dim=2)
+    assert torch.allclose(out_dst, expected, atol=1e-5)
+    # moving video is where the layouts differ: the carried VAE is a start, not a copy
+    moving = torch.rand(1, 3, 16, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    assert not torch.allclose(dst.decode(dst.encode(moving)), src.decode(src.encode(moving)), atol=1e-3)
+
+
+def test_vae_relayout_refuses_anything_but_a_divisible_temporal_compression():
+    src, _ = random_model("tiny")
+    with pytest.raises(ValueError, match="only the temporal compression"):
+        relayout_vae(src, dataclasses.replace(src.cfg, temporal_compression=2, latent_channels=4))
+    with pytest.raises(ValueError, match="cannot carry temporal compression 4 over to 6"):
+        relayout_vae(src, dataclasses.replace(src.cfg, temporal_compression=6))
+
+
+def test_carried_dit_reads_each_audio_frame_offset_with_the_source_embedding():
+    """tc 4 / audio_context 1 -> tc 2 / audio_context 2: the windows cover frames -4..7 and -4..5 of a latent
+    frame's start; each position keeps the embedding of its frame offset, and every other weight is kept."""
+    _, src = random_model("tiny", seed=2)
+    for block in src.blocks:  # distinct rows, so a wrong index would show
+        block.audio_attn.pos.data = torch.randn(block.audio_attn.pos.shape)
+    cfg = dataclasses.replace(src.cfg, temporal_compression=2, audio_context=2)
+    dst = relayout_dit(src, cfg)
+    assert window_offsets(src.cfg).tolist() == list(range(-4, 8)) and window_offsets(cfg).tolist() == list(range(-4, 6))
+    for a, b in zip(src.blocks, dst.blocks):
+        assert torch.equal(b.audio_attn.pos, a.audio_attn.pos[:10])
+    wide = relayout_dit(src, dataclasses.replace(src.cfg, temporal_compression=4, audio_context=2))  # -8..11
+    assert torch.equal(wide.blocks[0].audio_attn.pos[:4], src.blocks[0].audio_attn.pos[:1].expand(4, -1))
+    assert torch.equal(wide.blocks[0].audio_attn.pos[4:16], src.blocks[0].audio_attn.pos)
+    for k, v in src.state_dict().items():
+        if not k.endswith("audio_attn.pos"):
+            assert torch.equal(dst.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="only the temporal layout"):
+        relayout_dit(src, dataclasses.replace(src.cfg, depth=1))
+
+
+def test_train_stages_carry_a_model_of_another_temporal_compression(tmp_path, capsys):
+    """train-vae / train-teacher --init F where F has 8 frames per latent and the preset 4: both start from
+    F's weights (re-laid), and the results are tiny-preset models that fit together."""
+    vae, dit = random_model("tiny", seed=4)
+    vae8 = relayout_vae(vae, dataclasses.replace(vae.cfg, temporal_compression=8))
+    dit8 = relayout_dit(dit, dataclasses.replace(dit.cfg, temporal_compression=8))
+    checkpoint.save(vae8, tmp_path / "v8.safetensors")
+    checkpoint.save(dit8, tmp_path / "t8.safetensors")
+    data = _tiny_dataset(tmp_path / "data")
+    common = ["--data", str(data), "--preset", "tiny", "--steps", "1", "--batch", "1", "--chunks", "1",
+              "--lr", "1e-9", "--device", "cpu"]
+    assert main(["train-vae", *common, "--out", str(tmp_path / "v"), "--init", str(tmp_path / "v8.safetensors")]) == 0
+    tuned_vae = checkpoint.load_vae(tmp_path / "v" / "rest_vae.safetensors")
+    assert tuned_vae.cfg.temporal_compression == 4
+    for k, v in relayout_vae(vae8, preset("tiny").vae).state_dict().items():
+        assert torch.allclose(tuned_vae.state_dict()[k], v, atol=1e-6), k
+    assert main(["train-teacher", *common, "--vae", str(tmp_path / "v" / "rest_vae.safetensors"),
+                 "--out", str(tmp_path / "t"), "--init", str(tmp_path / "t8.safetensors")]) == 0
+    teacher = checkpoint.load_dit(tmp_path / "t" / "teacher.safetensors")
+    checkpoint.check_compatible(tuned_vae.cfg, teacher.cfg)
+    for k, v in dit.state_dict().items():  # 8 -> 4 gives back the windows of the original
+        assert torch.allclose(teacher.state_dict()[k], v, atol=1e-6), k
+    wide = dataclasses.replace(vae.cfg, temporal_compression=8, channels=(8, 16))
+    from rest_model.vae import CausalVAE
+    checkpoint.save(CausalVAE(wide), tmp_path / "w8.safetensors")
+    assert main(["train-vae", *common, "--out", str(tmp_path / "w"), "--init", str(tmp_path / "w8.safetensors")]) == 2
+    assert "w8.safetensors is not a tiny VAE: only the temporal compression" in capsys.readouterr().err
