@@ -6,8 +6,9 @@
 #     on 2 CPU cores). This script takes its files from git history instead of training them again.
 #  2. Carried over to 2 frames per latent frame (rest_model/relayout.py: the VAE keeps its latent space, the
 #     DiT its audio-window embeddings) and fine-tuned through the same stages: VAE 1,500 steps, teacher 3,000
-#     (from the phase-1 DiT), student init 300, ASD 200 (about 1.6 hours on 2 CPU cores). The shipped run's VAE
-#     was started with --steps 3000 and resumed at step 200 with 1500, so its first 200 learning rates differ slightly.
+#     (from the phase-1 DiT), student init 300, ASD 200 with audio guidance 7 (about 1.6 hours on 2 CPU
+#     cores). The shipped run's VAE was started with --steps 3000 and resumed at step 200 with 1500, so its
+#     first 200 learning rates differ slightly.
 # Every stage spends extra loss weight on the mouth region (--mouth-weight): lip-sync lives in a few pixels
 # (VAE) and a few latent cells (DiT stages) that an unweighted loss leaves for last.
 # Every stage resumes from its last snapshot, so re-running this after an interruption continues.
@@ -38,7 +39,7 @@ $PY -m rest_model init-student "${common[@]}" "${dit[@]}" --vae "$VAE" --teacher
     --steps "${STUDENT_STEPS:-300}" --batch 4 --chunks 3 --lr 2e-4
 $PY -m rest_model distill "${common[@]}" "${dit[@]}" --vae "$VAE" --teacher "$RUN/ckpt/teacher.safetensors" \
     --student "$RUN/ckpt/student_init.safetensors" --steps "${ASD_STEPS:-200}" --batch 4 --chunks 3 --lr 1e-4 \
-    --audio-guidance 4
+    --audio-guidance 7
 mkdir -p models/demo
 # float16 storage halves the files (the loaders cast back to float32)
 $PY -m rest_model export --in "$VAE" --out models/demo/rest_vae_demo.safetensors
