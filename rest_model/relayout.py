@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from einops import rearrange, reduce, repeat
+from einops import reduce, repeat
 
 from .config import DiTConfig, VAEConfig, to_json
 from .dit import CausalDiT
@@ -35,11 +35,14 @@ def _frame_ratio(src_tc: int, dst_tc: int) -> tuple[int, bool]:
     return big // small, dst_tc < src_tc
 
 
+def _same_apart_from(a, b, **ignored) -> bool:
+    """Whether two configs agree in every field but those named (set to the given neutral values)."""
+    return to_json(dataclasses.replace(a, **ignored)) == to_json(dataclasses.replace(b, **ignored))
+
+
 def relayout_vae(src: CausalVAE, cfg: VAEConfig) -> CausalVAE:
     """A VAE of config `cfg` carrying `src`'s weights; `cfg` may differ from src's only in tc."""
-    a, b = dataclasses.replace(src.cfg, temporal_compression=0), dataclasses.replace(cfg, temporal_compression=0)
-    b.scaling_factor = a.scaling_factor
-    if to_json(a) != to_json(b):
+    if not _same_apart_from(src.cfg, cfg, temporal_compression=0, scaling_factor=1.0):
         raise ValueError("only the temporal compression can be carried over; the VAEs differ in more "
                          f"({to_json(src.cfg)} vs {to_json(cfg)})")
     cfg = dataclasses.replace(cfg, scaling_factor=src.cfg.scaling_factor)  # the latent space is carried too
@@ -77,8 +80,7 @@ def window_offsets(cfg: DiTConfig) -> torch.Tensor:
 def relayout_dit(src: CausalDiT, cfg: DiTConfig) -> CausalDiT:
     """A DiT of config `cfg` carrying `src`'s weights; `cfg` may differ only in the temporal layout
     (temporal_compression, audio_context) and in how it streams."""
-    keep = dict(temporal_compression=0, audio_context=0, stream=None)
-    if to_json(dataclasses.replace(src.cfg, **keep)) != to_json(dataclasses.replace(cfg, **keep)):
+    if not _same_apart_from(src.cfg, cfg, temporal_compression=0, audio_context=0, stream=None):
         raise ValueError("only the temporal layout (temporal_compression, audio_context, stream) can be carried "
                          f"over; the DiTs differ in more ({to_json(src.cfg)} vs {to_json(cfg)})")
     src_off, dst_off = window_offsets(src.cfg), window_offsets(cfg)
