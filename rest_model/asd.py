@@ -26,6 +26,7 @@ import os
 
 import torch
 
+from . import distributed
 from .init_student import load_student_stage, student_rollout, teacher_forced_fm
 from .sampler import audio_guided, flow_schedule
 from .train_teacher import encode_batch
@@ -85,6 +86,7 @@ def asd_loss(student, teacher, vae, batch, margin, g, t_ctx: float = 0.1, t_min:
     return asd + real_weight * real, {"asd": asd.item(), "fm": real.item()}
 
 
+@distributed.launched
 def cmd_distill(args) -> int:
     vae, teacher, student = load_student_stage(args, args.student)
     draw, margin = clip_sampler(args, student.cfg)

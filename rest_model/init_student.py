@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .dit import CausalDiT
 from .sampler import flow_schedule, sample_clip, sample_euler
 from .streamer import commit_chunk, new_cache
@@ -90,6 +90,7 @@ def load_student_stage(args, student_path: str):
     return vae, teacher, student
 
 
+@distributed.launched
 def cmd_init_student(args) -> int:
     vae, teacher, student = load_student_stage(args, args.teacher)  # the student starts as the teacher
     draw, margin = clip_sampler(args, student.cfg)

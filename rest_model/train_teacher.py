@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import check_compatible, preset, to_json
 from .dit import CausalDiT
 from .relayout import relayout_dit
@@ -48,10 +48,12 @@ def teacher_loss(dit: CausalDiT, vae: CausalVAE, batch: dict, margin: int, g: to
     return loss, {"fm": loss.item()}
 
 
+@distributed.launched
 def cmd_train_teacher(args) -> int:
     if args.audio_backbone != "mel" and not args.audio_backbone_weights:
         raise ValueError(f"--audio-backbone {args.audio_backbone} needs --audio-backbone-weights (a .safetensors "
                          f"of the torchaudio model's state dict): a random backbone hears nothing")
+    torch.manual_seed(args.seed)  # a fresh teacher's weights are the seed's, the same in every process
     vae = checkpoint.load_vae(args.vae, args.device)
     cfg = preset(args.preset).dit
     cfg.audio.backbone = args.audio_backbone

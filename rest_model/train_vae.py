@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.func import functional_call
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import preset
 from .relayout import relayout_vae
 from .training import (add_common_args, clip_frames, export_model, loop_config, region_weights, sample_batch,
@@ -78,7 +78,9 @@ def latent_scale(vae: CausalVAE, data, n: int = 8) -> float:
     return 1.0 / max(std, 1e-6)
 
 
+@distributed.launched
 def cmd_train_vae(args) -> int:
+    torch.manual_seed(args.seed)  # fresh weights (VAE, discriminator) are the seed's, the same in every process
     p = preset(args.preset)
     data = training_data(args.data, p.dit, clip_frames(p.dit, args.chunks))
     if args.init:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .audio import SampleTimeline
 from .config import DiTConfig
 from .data import ClipDataset
@@ -106,8 +106,9 @@ def learning_rate(cfg: LoopConfig, step: int) -> float:
     return cfg.lr * warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 7_919 + step * 104_729 + 1)
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The randomness of step `step` on process `rank` (each process of a torchrun job draws its own batch)."""
+    return torch.Generator().manual_seed(seed * 7_919 + step * 104_729 + 1 + rank * 15_485_863)
 
 
 def _state_path(out_dir: str, stage: str) -> str:
@@ -148,15 +149,21 @@ def train_loop(stage: str, trainable: dict[str, torch.nn.Module], step_fn: Calla
     """Run `step_fn(step, g) -> (loss, logs)` for cfg.steps steps, resuming from out_dir if a snapshot is there.
 
     `export()` writes the stage's deployable checkpoints; it is called at each snapshot and at the end.
-    Returns the logged records of this invocation.
+    Under torchrun the step runs data-parallel (distributed.py): each process draws its own batch, DDP
+    averages the gradients, and rank 0 alone logs (figures averaged over the processes) and writes files.
+    Returns the records of this invocation (this process's own figures).
     """
     os.makedirs(out_dir, exist_ok=True)
+    rank, n_proc = distributed.world()
     params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     state_path, log_path = _state_path(out_dir, stage), os.path.join(out_dir, f"{stage}.log.jsonl")
     start = load_state(state_path, trainable, opt) if os.path.exists(state_path) else 0
     if start:
         log.info("%s: resumed at step %d from %s", stage, start, state_path)
+    if n_proc > 1:
+        log.info("%s: data-parallel over %d processes, batch per process as given", stage, n_proc)
+    run_step = distributed.data_parallel(trainable, step_fn)
     records, t0 = [], time.perf_counter()
     for m in trainable.values():
         m.train()
@@ -164,7 +171,7 @@ def train_loop(stage: str, trainable: dict[str, torch.nn.Module], step_fn: Calla
         lr = learning_rate(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss, logs = step_fn(step, step_generator(cfg.seed, step))
+        loss, logs = run_step(step, step_generator(cfg.seed, step, rank))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -172,18 +179,23 @@ def train_loop(stage: str, trainable: dict[str, torch.nn.Module], step_fn: Calla
         rec = {"step": step + 1, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr, **logs}
         records.append(rec)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if progress:
+            shown = dict(rec, loss=distributed.mean_over_ranks(rec["loss"]),
+                         **{k: distributed.mean_over_ranks(v) for k, v in logs.items()})
+            if rank == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(shown) + "\n")
+            if progress and rank == 0:
                 rate = (step + 1 - start) / (time.perf_counter() - t0)
                 eta = (cfg.steps - step - 1) / max(rate, 1e-9)
-                extra = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
-                print(f"[{stage}] step {step + 1}/{cfg.steps} loss={rec['loss']:.4g} {extra} "
+                extra = " ".join(f"{k}={shown[k]:.4g}" for k in logs)
+                print(f"[{stage}] step {step + 1}/{cfg.steps} loss={shown['loss']:.4g} {extra} "
                       f"({rate:.2f} it/s, eta {eta / 60:.1f} min)", file=sys.stderr, flush=True)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_state(state_path, trainable, opt, step + 1)
-            if export is not None:
-                export()
+            if rank == 0:  # every process holds the same weights and optimiser state
+                save_state(state_path, trainable, opt, step + 1)
+                if export is not None:
+                    export()
+            distributed.barrier()  # nobody runs ahead of (or resumes from) a half-written snapshot
     for m in trainable.values():
         m.eval()
     return records
