@@ -37,3 +37,18 @@ def speech_like(seconds: float, sr: int, seed: int = 0) -> torch.Tensor:
     voiced = sum(torch.sin(h * phase) / h for h in range(1, 8))
     syll = (torch.sin(2 * math.pi * 4 * t).clamp_min(0)) * (torch.sin(2 * math.pi * 0.5 * t) > -0.3)
     return (0.3 * voiced * syll + 0.01 * torch.randn(t.shape, generator=g)).float()
+
+
+def latent(cfg, frames: int, seed: int = 0) -> torch.Tensor:
+    """Random latent [1, Cz, frames, h, w] in the layout of a DiT config (no test hard-codes a preset's)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, cfg.latent_channels, frames, cfg.latent_size, cfg.latent_size, generator=g)
+
+
+def audio_features(cfg, latent_frames: int, seed: int = 0) -> torch.Tensor:
+    """Random per-video-frame audio features covering `latent_frames` latent frames plus the audio context on
+    each side, windowed for the DiT: [1, latent_frames, W, A]."""
+    from rest_model.dit import audio_windows
+    g = torch.Generator().manual_seed(seed)
+    n = (latent_frames + 2 * cfg.audio_context) * cfg.temporal_compression
+    return audio_windows(torch.randn(1, n, cfg.audio.dim, generator=g), cfg)

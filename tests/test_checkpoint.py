@@ -9,7 +9,7 @@ from rest_model import checkpoint
 from rest_model.checkpoint import CheckpointError
 from rest_model.cli import random_model
 from rest_model.config import preset, to_json
-from rest_model.dit import audio_windows
+from conftest import audio_features, latent
 
 
 @pytest.fixture
@@ -24,11 +24,10 @@ def test_round_trip_reproduces_outputs_exactly(tiny, files):
     vae, dit = tiny
     vae2, dit2 = checkpoint.load_pair(*files)
     assert vae2.cfg == vae.cfg and dit2.cfg == dit.cfg
-    z = torch.randn(1, 8, 2, 4, 4)
-    assert torch.equal(vae.decode(z), vae2.decode(z))
     c = dit.cfg
-    x, t, ref = torch.randn(1, 8, 2, 4, 4), torch.rand(1, 2), torch.randn(1, 8, 1, 4, 4)
-    a = audio_windows(torch.randn(1, 4 * 4, c.audio.dim), c)
+    z = latent(c, 2)
+    assert torch.equal(vae.decode(z), vae2.decode(z))
+    x, t, ref, a = latent(c, 2, 1), torch.rand(1, 2), latent(c, 1, 2), audio_features(c, 2)
     assert torch.equal(dit(x, t, a, ref), dit2(x, t, a, ref))
     wave = torch.randn(8000) * 0.1
     assert torch.equal(dit.audio_encoder.encode(wave, 8000), dit2.audio_encoder.encode(wave, 8000))
@@ -125,8 +124,7 @@ def test_float16_export_halves_the_file_and_loads_as_float32(tiny, files, tmp_pa
     dit16 = checkpoint.load_any(out)
     assert next(dit16.parameters()).dtype == torch.float32
     c = dit.cfg
-    x, t, ref = torch.randn(1, 8, 2, 4, 4), torch.rand(1, 2), torch.randn(1, 8, 1, 4, 4)
-    a = audio_windows(torch.randn(1, 4 * 4, c.audio.dim), c)
+    x, t, ref, a = latent(c, 2, 1), torch.rand(1, 2), latent(c, 1, 2), audio_features(c, 2)
     with torch.no_grad():
         torch.testing.assert_close(dit16(x, t, a, ref), dit(x, t, a, ref), atol=2e-2, rtol=2e-2)
     vae16 = tmp_path / "vae16.safetensors"

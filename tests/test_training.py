@@ -15,7 +15,7 @@ from rest_model.train_vae import PatchDiscriminator, motion_l1, region_weights, 
 from rest_model.data import ClipDataset
 from rest_model.training import (LoopConfig, audio_margin, clip_frames, learning_rate, sample_batch,
                                  train_loop)
-from conftest import speech_like
+from conftest import audio_features, latent, speech_like
 
 SPF = 640
 
@@ -164,14 +164,17 @@ def test_student_rollout_is_exactly_the_streamer(tiny):
     from rest_model.streamer import AudioSource, stream
     from rest_model.training import clip_audio_windows
     vae, dit = tiny
-    wave = speech_like(24 / 25, 16000)
-    portrait = torch.rand(3, 32, 32) * 2 - 1
-    chunks = list(stream(vae, dit, portrait, AudioSource.whole(wave, 16000), dit.cfg.stream, seed=7, decode=False))
-    margin = audio_margin(dit.cfg)
+    c = dit.cfg
+    k, n_chunks = c.stream.chunk_frames, 3
+    wave = speech_like(n_chunks * k * c.temporal_compression / 25, 16000)
+    portrait = torch.rand(3, c.resolution, c.resolution) * 2 - 1
+    chunks = list(stream(vae, dit, portrait, AudioSource.whole(wave, 16000), c.stream, seed=7, decode=False))
+    margin = audio_margin(c)
     padded = torch.nn.functional.pad(wave, (margin * SPF, margin * SPF))
-    windows = clip_audio_windows(dit, padded[None], margin, 6)
+    windows = clip_audio_windows(dit, padded[None], margin, n_chunks * k)
     from rest_model.streamer import chunk_noise
-    noise = torch.cat([chunk_noise(7, j, (1, 8, 2, 4, 4), "cpu", torch.float32) for j in range(3)], 2)
+    shape = (1, c.latent_channels, k, c.latent_size, c.latent_size)
+    noise = torch.cat([chunk_noise(7, j, shape, "cpu", torch.float32) for j in range(n_chunks)], 2)
     ref = vae.encode_image(portrait[None])
     out = student_rollout(dit, ref, windows, noise, flow_schedule(2))
     torch.testing.assert_close(out, torch.cat([c.latent for c in chunks], 2), atol=1e-5, rtol=1e-5)
@@ -240,19 +243,17 @@ def test_asd_target_is_the_teachers_solve_under_the_asynchronous_schedule(tiny):
     """One solve step is the teacher's denoised estimate x_t - t_j v with earlier chunks at t_ctx and
     no later chunk in view; more steps integrate chunk j alone while the context stays put."""
     from rest_model.asd import asd_targets
-    from rest_model.dit import audio_windows
     _, teacher = tiny
     c = teacher.cfg
-    k, n = c.stream.chunk_frames, 6
-    out = torch.randn(1, 8, n, 4, 4)
-    windows = audio_windows(torch.randn(1, (n + 2) * 4, c.audio.dim), c)
-    ref = torch.randn(1, 8, 1, 4, 4)
+    k = c.stream.chunk_frames
+    n = 3 * k
+    out, windows, ref = latent(c, n), audio_features(c, n), latent(c, 1, 1)
     one = asd_targets(teacher, out, ref, windows, torch.Generator().manual_seed(3), 0.1, 0.2, 0.7, solve_steps=1)
     # replay the same draws by hand for chunk 1
     g = torch.Generator().manual_seed(3)
     for j in range(2):
         t_j = 0.2 + 0.5 * torch.rand(1, generator=g)
-        e = torch.randn(1, 8, (j + 1) * k, 4, 4, generator=g)
+        e = torch.randn(1, c.latent_channels, (j + 1) * k, c.latent_size, c.latent_size, generator=g)
     t = asynchronous_times(n, k, 1, 0.1, t_j)
     tt = t[:, None, :, None, None]
     xt = (1 - tt) * out[:, :, :2 * k] + tt * e
@@ -441,15 +442,12 @@ def test_stages_refuse_data_prepared_for_another_preset(tmp_path, capsys):
 def test_audio_guidance_is_classifier_free_guidance_on_the_speech_and_reaches_the_student_stages(tiny):
     """audio_guided = v_null + s (v_audio - v_null) with the silence embedding as the null; scale 1 is the plain
     velocity, silence is unchanged by any scale; init-student's ODE targets and ASD's targets use it."""
-    from rest_model.dit import audio_windows
     from rest_model.sampler import audio_guided
     vae, teacher = tiny
     student = random_model("tiny", seed=1)[1]
     c = teacher.cfg
-    x, t = torch.randn(1, 8, 4, 4, 4), torch.full((1, 4), 0.6)
-    audio = audio_windows(torch.randn(1, (4 + 2) * 4, c.audio.dim), c)
+    x, t, audio, ref = latent(c, 4), torch.full((1, 4), 0.6), audio_features(c, 4), latent(c, 1, 1)
     null = teacher.audio_encoder.null.expand_as(audio)
-    ref = torch.randn(1, 8, 1, 4, 4)
     with torch.no_grad():
         v, v_null = teacher(x, t, audio, ref), teacher(x, t, null, ref)
         assert not torch.allclose(v, v_null)  # the speech matters to this teacher
