@@ -9,12 +9,19 @@ Nodes, the command line, benchmarks and any live server call `stream`; none reim
        c. run the clean chunk once more at t = 0 and commit its K/V to the Context-Cache;
        d. decode it with the streaming VAE decoder (carried state) and yield the frames.
 
+With `overlap_decode` step d runs on a worker thread (on its own CUDA stream, or on the VAE's own device
+when the VAE sits on another GPU than the DiT: TalkingMachines' disaggregation), so the DiT denoises
+chunk j + 1 while the VAE decodes chunk j; each chunk then comes out one chunk later, bit-identical.
+
 Memory is constant: the cache keeps a fixed window, the audio timeline is trimmed behind the chunk,
 and the decoder carries a fixed number of frames.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import itertools
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -58,8 +65,8 @@ def prepare_reference(vae: CausalVAE, dit: CausalDiT, portrait: torch.Tensor) ->
     if img.shape[1:] != (3, r, r):
         raise ValueError(f"portrait must be [3, {r}, {r}] for this model, got {tuple(portrait.shape)}; "
                          f"use media.fit_portrait to crop/resize it")
-    p = next(dit.parameters())
-    return vae.encode_image(img.to(p.device, p.dtype))
+    p, v = next(dit.parameters()), next(vae.parameters())
+    return vae.encode_image(img.to(v.device, v.dtype)).to(p.device, p.dtype)
 
 
 def new_cache(dit: CausalDiT, ref: torch.Tensor, cfg: StreamConfig, start_frame: int = 0) -> IDContextCache:
@@ -92,11 +99,52 @@ def chunk_noise(seed: int, index: int, shape, device, dtype) -> torch.Tensor:
     return torch.randn(shape, generator=g).to(device, dtype)
 
 
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors or [])
+
+
+def chunk_decoder(vae: CausalVAE, overlap: bool = False):
+    """The streaming VAE decode of consecutive latent chunks as `submit(latent) -> Future((frames [n, 3, H, W],
+    carried state bytes))`, and `close()`. Inline, the future is already done. With `overlap`, one worker
+    thread decodes in submission order (the carried state chains the chunks) while the caller goes on; on a
+    GPU it works on a CUDA stream of its own, which waits for the DiT's kernels that made the latent."""
+    device = next(vae.parameters()).device
+    side = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
+    state = None
+
+    @torch.no_grad()  # grad mode is per thread
+    def decode(latent: torch.Tensor, ready=None):
+        nonlocal state
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            if ready is not None:
+                side.wait_event(ready)
+            frames, state = vae.decode_chunk(latent.to(device), state)
+        if side is not None:
+            side.synchronize()  # the frames are complete when the future says so
+        return frames[0].transpose(0, 1), _nbytes(state)
+
+    if not overlap:
+        def submit_inline(latent):
+            done = Future()
+            done.set_result(decode(latent))
+            return done
+        return submit_inline, lambda: None
+    worker = ThreadPoolExecutor(1, thread_name_prefix="rest-vae-decode")
+
+    def submit(latent):
+        ready = None
+        if side is not None and latent.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(latent.device))
+        return worker.submit(decode, latent, ready)
+    return submit, worker.shutdown
+
+
 @torch.no_grad()
 def stream(vae: CausalVAE, dit: CausalDiT, portrait: torch.Tensor, audio: AudioSource, cfg: StreamConfig,
            seed: int = 0, decode: bool = True, start_frame: int = 0,
            callback: Callable[[Chunk], None] | None = None,
-           id_sink: list[LayerKV] | None = None) -> Iterator[Chunk]:
+           id_sink: list[LayerKV] | None = None, overlap_decode: bool = False) -> Iterator[Chunk]:
     """Yield the talking-head video chunk by chunk for as long as the audio runs.
 
     `start_frame` is the absolute latent-frame index the stream starts at (positions are relative, so
@@ -104,6 +152,8 @@ def stream(vae: CausalVAE, dit: CausalDiT, portrait: torch.Tensor, audio: AudioS
     `callback(chunk)` is called after each chunk: progress bars and interrupts plug in there.
     `id_sink`: the portrait's ID-Sink K/V when already computed (the ID-Context Cache node), so it is
     computed once per portrait, not once per run; the Context-Cache always starts empty.
+    `overlap_decode`: decode chunk j on a worker while the DiT makes chunk j + 1 (throughput for one
+    chunk of latency; the frames are the same). The VAE may sit on another device than the DiT.
     """
     d = dit.cfg
     k, tc, a = cfg.chunk_frames, d.temporal_compression, d.audio_context
@@ -118,41 +168,48 @@ def stream(vae: CausalVAE, dit: CausalDiT, portrait: torch.Tensor, audio: AudioS
 
     timeline, resampler = enc.timeline(), StreamingResampler(audio.sample_rate, enc.sample_rate)
     pieces = iter(audio.pieces)
-    decoder_state = None
+    submit, close = chunk_decoder(vae, overlap_decode) if decode else (None, lambda: None)
+    pending = collections.deque()  # (chunk, its decode): chunks made and not yet handed out
+    lag = 1 if overlap_decode and decode else 0
 
-    for j in itertools.count():
-        f0, f1 = j * k * tc, (j + 1) * k * tc  # this chunk's video frames
-        while not timeline.available(f1 + lookahead):  # wait for the audio the chunk needs
-            piece = next(pieces, None)
-            if piece is None:
-                timeline.push(resampler.finish())
-                timeline.finish()
-            else:
-                timeline.push(resampler.push(check_waveform(piece, audio.sample_rate)))
-        if timeline.finished and f0 >= max(timeline.frames, 1):
-            return
-        feats = enc.frames(timeline, f0 - a * tc, f1 + a * tc)  # own windows + neighbours
-        windows = audio_windows(feats, d).to(p.dtype)
-        noise = chunk_noise(seed, j, (1, d.latent_channels, k, d.latent_size, d.latent_size), p.device, p.dtype)
-        latent = generate_chunk(dit, cache, noise, windows, times)
-        timeline.trim(f1 - a * tc - d.audio.context_frames)  # the next chunk reads nothing earlier
-        frames = None
-        if decode:
-            frames, decoder_state = vae.decode_chunk(latent, decoder_state)
-            frames = frames[0].transpose(0, 1)  # (n, 3, H, W)
-        n = min(k * tc, timeline.frames - f0) if timeline.finished else k * tc
-        carried = cache.nbytes() + timeline.buf.numel() * timeline.buf.element_size() \
-            + sum(t.numel() * t.element_size() for t in decoder_state or [])
-        chunk = Chunk(j, f0, latent, frames[:n] if frames is not None else None, n, carried)
+    def hand_out(chunk: Chunk, decoded: Future | None) -> Chunk:
+        if decoded is not None:
+            frames, decoder_bytes = decoded.result()
+            chunk.frames, chunk.state_bytes = frames[:chunk.num_frames], chunk.state_bytes + decoder_bytes
         if callback is not None:
             callback(chunk)
-        yield chunk
+        return chunk
+
+    try:
+        for j in itertools.count():
+            f0, f1 = j * k * tc, (j + 1) * k * tc  # this chunk's video frames
+            while not timeline.available(f1 + lookahead):  # wait for the audio the chunk needs
+                piece = next(pieces, None)
+                if piece is None:
+                    timeline.push(resampler.finish())
+                    timeline.finish()
+                else:
+                    timeline.push(resampler.push(check_waveform(piece, audio.sample_rate)))
+            if timeline.finished and f0 >= max(timeline.frames, 1):
+                break
+            feats = enc.frames(timeline, f0 - a * tc, f1 + a * tc)  # own windows + neighbours
+            windows = audio_windows(feats, d).to(p.dtype)
+            noise = chunk_noise(seed, j, (1, d.latent_channels, k, d.latent_size, d.latent_size), p.device, p.dtype)
+            latent = generate_chunk(dit, cache, noise, windows, times)
+            timeline.trim(f1 - a * tc - d.audio.context_frames)  # the next chunk reads nothing earlier
+            n = min(k * tc, timeline.frames - f0) if timeline.finished else k * tc
+            carried = cache.nbytes() + _nbytes([timeline.buf])  # + the decoder's, once decoded
+            pending.append((Chunk(j, f0, latent, None, n, carried), submit(latent) if decode else None))
+            while len(pending) > lag:  # overlapped: chunk j - 1 goes out while chunk j decodes
+                yield hand_out(*pending.popleft())
+        while pending:
+            yield hand_out(*pending.popleft())
+    finally:
+        close()
 
 
-@torch.no_grad()
 def decode_stream(vae: CausalVAE, latents: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
     """Streaming VAE decode of consecutive latent chunks -> frames [n, 3, H, W] per chunk."""
-    state = None
+    submit, _ = chunk_decoder(vae)
     for latent in latents:
-        frames, state = vae.decode_chunk(latent, state)
-        yield frames[0].transpose(0, 1)
+        yield submit(latent).result()[0]

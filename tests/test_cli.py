@@ -44,6 +44,12 @@ def test_generate_writes_a_playable_mp4_matching_the_audio(tmp_path, tiny):
     assert info["has_audio"] and abs(info["audio_duration"] - 1.7) < 0.06
     frames = [f.to_ndarray(format="rgb24") for f in __import__("av").open(str(out)).decode(video=0)]
     assert len(frames) == 43 and np.std(np.stack(frames)) > 1  # not a blank video
+    overlapped = tmp_path / "out" / "overlapped.mp4"  # VAE decode beside the DiT: the same video
+    assert main(["generate", "--image", str(tmp_path / "p.png"), "--audio", str(tmp_path / "s.wav"), "--out",
+                 str(overlapped), "--vae", str(tmp_path / "v.safetensors"), "--dit", str(tmp_path / "d.safetensors"),
+                 "--overlap-decode", "--decode-device", "cpu"]) == 0
+    again = [f.to_ndarray(format="rgb24") for f in __import__("av").open(str(overlapped)).decode(video=0)]
+    assert len(again) == 43 and all(np.array_equal(a, b) for a, b in zip(frames, again))
 
 
 def test_generate_as_a_subprocess_with_random_weights(tmp_path):

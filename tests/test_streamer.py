@@ -113,3 +113,53 @@ def test_silent_audio_still_streams(tiny):
     vae, dit = tiny
     chunks = _run(vae, dit, AudioSource.whole(torch.zeros(16000), 16000))
     assert sum(c.num_frames for c in chunks) == 25 and all(torch.isfinite(c.frames).all() for c in chunks)
+
+
+def test_overlapped_decode_gives_the_same_chunks_and_runs_beside_the_dit(tiny, monkeypatch):
+    """overlap_decode: the VAE decodes chunk j on its own thread while the DiT makes chunk j + 1, and the stream
+    is bit-identical to the sequential one (frames, latents, bookkeeping, callbacks in order)."""
+    import threading
+    import time
+    import rest_model.streamer as streamer
+    vae, dit = tiny
+    audio = speech_like(1.5, 16000)
+    seen = {False: [], True: []}
+    runs = {o: list(stream(vae, dit, _portrait(dit), AudioSource.whole(audio, 16000), dit.cfg.stream, seed=3,
+                           overlap_decode=o, callback=seen[o].append)) for o in (False, True)}
+    assert len(runs[True]) == len(runs[False]) > 3
+    for a, b in zip(runs[False], runs[True]):
+        assert (a.index, a.first_frame, a.num_frames, a.state_bytes) == (b.index, b.first_frame, b.num_frames, b.state_bytes)
+        assert torch.equal(a.latent, b.latent) and torch.equal(a.frames, b.frames)
+    assert [c.index for c in seen[True]] == [c.index for c in seen[False]] == [c.index for c in runs[True]]
+
+    events, decode_chunk, generate = [], vae.decode_chunk, streamer.generate_chunk
+
+    def slow_decode(latent, state):
+        events.append(("decode", threading.current_thread().name, time.perf_counter()))
+        time.sleep(0.15)
+        out = decode_chunk(latent, state)
+        events.append(("decoded", threading.current_thread().name, time.perf_counter()))
+        return out
+
+    def logged_generate(*args):
+        events.append(("generate", threading.current_thread().name, time.perf_counter()))
+        return generate(*args)
+    monkeypatch.setattr(vae, "decode_chunk", slow_decode)
+    monkeypatch.setattr(streamer, "generate_chunk", logged_generate)
+    list(stream(vae, dit, _portrait(dit), AudioSource.whole(audio, 16000), dit.cfg.stream, overlap_decode=True))
+    assert {t for e, t, _ in events if e.startswith("decod")} == {"rest-vae-decode_0"}
+    gen = [s for e, _, s in events if e == "generate"]
+    dec = list(zip(*([s for e, _, s in events if e == name] for name in ("decode", "decoded"))))
+    # chunk j + 1 is being denoised while chunk j is still decoding
+    assert sum(d0 < g < d1 for (d0, d1), g in zip(dec, gen[1:])) >= len(dec) - 2
+
+
+def test_an_overlapped_stream_stopped_early_leaves_no_decoder_thread(tiny):
+    import threading
+    vae, dit = tiny
+    chunks = stream(vae, dit, _portrait(dit), AudioSource.whole(speech_like(2.0, 16000), 16000), dit.cfg.stream,
+                    overlap_decode=True)
+    first = [next(chunks), next(chunks)]
+    assert all(c.frames is not None for c in first)
+    chunks.close()  # the consumer stops (ComfyUI's interrupt, a closed client)
+    assert not any(t.name.startswith("rest-vae-decode") for t in threading.enumerate())
