@@ -62,7 +62,7 @@ def test_a_torchrun_stage_equals_one_process_averaging_both_processes_losses(tmp
     args = ["--data", str(_dataset(tmp_path / "data")), "--preset", "tiny", "--steps", "2", "--batch", "1",
             "--chunks", "2", "--lr", "0.5", "--device", "cpu", *[a.format(**files) for a in extra]]
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))  # torchrun's scratch too
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "rest_model", stage, *args, "--out", str(tmp_path / "ddp")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
