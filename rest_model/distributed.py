@@ -71,15 +71,16 @@ def data_parallel(trainable: dict[str, torch.nn.Module], step_fn):
         find_unused_parameters=True)
 
 
-def mean_over_ranks(x: float) -> float:
-    """A logged figure averaged over the processes (what the global batch scored)."""
-    if world()[1] == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64)
+def mean_over_ranks(figures: dict[str, float]) -> dict[str, float]:
+    """Logged figures averaged over the processes (what the global batch scored), in one all-reduce."""
+    n = world()[1]
+    if n == 1:
+        return figures
+    t = torch.tensor(list(figures.values()), dtype=torch.float64)
     if dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t)
-    return t.item() / world()[1]
+    return dict(zip(figures, (t / n).tolist()))
 
 
 def barrier():

@@ -179,8 +179,7 @@ def train_loop(stage: str, trainable: dict[str, torch.nn.Module], step_fn: Calla
         rec = {"step": step + 1, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr, **logs}
         records.append(rec)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            shown = dict(rec, loss=distributed.mean_over_ranks(rec["loss"]),
-                         **{k: distributed.mean_over_ranks(v) for k, v in logs.items()})
+            shown = rec | distributed.mean_over_ranks({"loss": rec["loss"], **logs})
             if rank == 0:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(shown) + "\n")
