@@ -13,21 +13,9 @@ import torch
 
 from rest_model import checkpoint, distributed, training
 from rest_model.cli import main, random_model
-from test_training import toy_clips
+from test_training import _tiny_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _dataset(root: Path) -> Path:
-    from safetensors.torch import save_file
-    root.mkdir()
-    entries = []
-    for i, (video, audio) in enumerate(toy_clips(4, 24)):
-        save_file({"video": video, "audio": audio}, root / f"c{i}.safetensors")
-        entries.append({"file": f"c{i}.safetensors", "identity": f"id{i}", "frames": 24, "split": "train"})
-    (root / "index.json").write_text(json.dumps({"fps": 25, "resolution": 32, "sample_rate": 16000,
-                                                 "clips": entries}))
-    return root
 
 
 def _two_process_mean(monkeypatch, seed=0):
@@ -59,7 +47,7 @@ def test_a_torchrun_stage_equals_one_process_averaging_both_processes_losses(tmp
     vae, dit = random_model("tiny", seed=3)
     files = {"v": tmp_path / "v.safetensors", "t": tmp_path / "t.safetensors"}
     checkpoint.save(vae, files["v"]), checkpoint.save(dit, files["t"])
-    args = ["--data", str(_dataset(tmp_path / "data")), "--preset", "tiny", "--steps", "2", "--batch", "1",
+    args = ["--data", str(_tiny_dataset(tmp_path / "data", clips=4, frames=24)), "--preset", "tiny", "--steps", "2", "--batch", "1",
             "--chunks", "2", "--lr", "0.5", "--device", "cpu", *[a.format(**files) for a in extra]]
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))  # torchrun's scratch too

@@ -213,17 +213,8 @@ def test_resume_from_a_snapshot_equals_an_uninterrupted_run(tmp_path):
 
 def test_stage_commands_write_loadable_checkpoints(tmp_path):
     """The four commands chained on a prepared toy dataset produce checkpoints the loaders accept."""
-    import json
-    from safetensors.torch import save_file
     from rest_model.cli import main
-    data = tmp_path / "data"
-    data.mkdir()
-    entries = []
-    for i, (video, audio) in enumerate(toy_clips(2, 24)):
-        save_file({"video": video, "audio": audio}, data / f"c{i}.safetensors")
-        entries.append({"file": f"c{i}.safetensors", "identity": f"id{i}", "voice": "v", "frames": 24, "split": "train"})
-    (data / "index.json").write_text(json.dumps({"preset": "tiny", "fps": 25, "resolution": 32,
-                                                 "sample_rate": 16000, "clips": entries}))
+    data = _tiny_dataset(tmp_path / "data", clips=2, frames=24)
     run = tmp_path / "run"
     common = ["--data", str(data), "--out", str(run), "--preset", "tiny", "--steps", "2", "--batch", "1",
               "--chunks", "2", "--device", "cpu"]
@@ -315,14 +306,18 @@ def test_decoder_only_fine_tune_keeps_the_latents(tmp_path):
         assert torch.equal(a, b) == k.startswith("encoder."), k
 
 
-def _tiny_dataset(root):
+def _tiny_dataset(root, clips: int = 1, frames: int = 16):
+    """A prepared tiny-preset dataset of `clips` toy clips of `frames` frames, each its own identity."""
     import json
     from safetensors.torch import save_file
     root.mkdir()
-    video, audio = toy_clips(1, 16)[0]
-    save_file({"video": video, "audio": audio}, root / "c.safetensors")
-    (root / "index.json").write_text(json.dumps({"fps": 25, "resolution": 32, "sample_rate": 16000, "clips": [
-        {"file": "c.safetensors", "identity": "a", "frames": 16, "split": "train"}]}))
+    entries = []
+    for i, (video, audio) in enumerate(toy_clips(clips, frames)):
+        save_file({"video": video, "audio": audio}, root / f"c{i}.safetensors")
+        entries.append({"file": f"c{i}.safetensors", "identity": f"id{i}", "voice": "v", "frames": frames,
+                        "split": "train"})
+    (root / "index.json").write_text(json.dumps({"preset": "tiny", "fps": 25, "resolution": 32,
+                                                 "sample_rate": 16000, "clips": entries}))
     return root
 
 
