@@ -48,9 +48,18 @@ def _models(args):
     return checkpoint.load_pair(vae_path, dit_path, args.device)
 
 
+def _device(flag: str, name: str) -> torch.device:
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{flag} {name!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
+
+
 def cmd_generate(args) -> int:
+    device = _device("--device", args.device)
+    decode_device = _device("--decode-device", args.decode_device) if args.decode_device else device
     vae, dit = _models(args)
-    vae.to(args.decode_device or args.device), dit.to(args.device)
+    vae.to(decode_device), dit.to(device)
     cfg = dataclasses.replace(dit.cfg.stream, **{k: v for k, v in dict(
         steps=args.steps, chunk_frames=args.chunk, context_frames=args.context).items() if v is not None})
     portrait = media.fit_portrait(media.load_image(args.image), dit.cfg.resolution, args.crop)
