@@ -39,11 +39,33 @@ def motion_l1(rec: torch.Tensor, video: torch.Tensor, weights: torch.Tensor | No
     return weighted_mean((rec.diff(dim=2) - video.diff(dim=2)).abs(), weights)
 
 
+def patch_weights(weights: torch.Tensor | None, grid) -> torch.Tensor | None:
+    """The pixel region weights averaged over each discriminator patch, mean 1: the adversarial pull then
+    goes where the L1's does (a blurred mouth, not the background, is what costs lip-sync)."""
+    if weights is None:
+        return None
+    w = F.adaptive_avg_pool2d(weights[None, None], tuple(grid))[0, 0]
+    return w / w.mean()
+
+
+def gradient_ratio(rec_loss: torch.Tensor, g_loss: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
+    """|d rec_loss / d layer| / |d g_loss / d layer|, detached and clamped to [0, 1e4]."""
+    if not torch.is_grad_enabled():
+        return torch.tensor(1.0)
+    g_rec, = torch.autograd.grad(rec_loss, layer, retain_graph=True)
+    g_gan, = torch.autograd.grad(g_loss, layer, retain_graph=True)
+    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach()
+
+
 def vae_loss(vae: CausalVAE, video: torch.Tensor, g: torch.Generator, kl_weight: float = 1e-4,
              disc: PatchDiscriminator | None = None, adv_weight: float = 0.0,
              weights: torch.Tensor | None = None, decoder_only: bool = False,
-             motion_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+             motion_weight: float = 0.0, adaptive: bool = False) -> tuple[torch.Tensor, dict]:
     """L1 (+ region weights) + KL (+ hinge GAN) (+ motion: L1 between the frame-to-frame changes).
+
+    With `adaptive` the GAN term's weight is `adv_weight` times the ratio of the reconstruction's to the
+    GAN term's gradient norm at the decoder's last layer (Esser et al., taming-transformers): a fixed weight
+    is either lost under the L1 or swamps it as the discriminator's logits grow.
 
     The motion term is there because a tc-frame group shares one latent: plain L1 is nearly met by one
     average frame per group, and the frames of a group then come out identical, a mouth that moves only
@@ -62,10 +84,12 @@ def vae_loss(vae: CausalVAE, video: torch.Tensor, g: torch.Generator, kl_weight:
         loss, logs["motion"] = loss + motion_weight * motion, motion.item()
     if disc is not None and adv_weight > 0:
         frozen = {k: v.detach() for k, v in disc.named_parameters()}  # the VAE's term must not train D
-        g_adv = -functional_call(disc, frozen, (rec,)).mean()
+        logits = functional_call(disc, frozen, (rec,))
+        g_adv = -weighted_mean(logits, patch_weights(weights, logits.shape[-2:]))
         d_loss = F.relu(1 - disc(video)).mean() + F.relu(1 + disc(rec.detach())).mean()
-        loss = loss + adv_weight * g_adv + d_loss
-        logs.update(g_adv=g_adv.item(), d_loss=d_loss.item())
+        w_adv = adv_weight * (gradient_ratio(loss, g_adv, vae.decoder.conv_out.weight) if adaptive else 1.0)
+        loss = loss + w_adv * g_adv + d_loss
+        logs.update(g_adv=g_adv.item(), d_loss=d_loss.item(), w_adv=float(w_adv))
     return loss, logs
 
 
@@ -107,7 +131,7 @@ def cmd_train_vae(args) -> int:
     def step(i, g):
         video = sample_batch(data, args.batch, g)["video"].to(args.device)
         return vae_loss(vae, video, g, args.kl_weight, disc, args.adv_weight if i >= args.adv_start else 0.0,
-                        weights, args.decoder_only, args.motion_weight)
+                        weights, args.decoder_only, args.motion_weight, args.adv_adaptive)
 
     def export():
         if not args.decoder_only:  # a frozen encoder keeps its latent scale
@@ -132,5 +156,7 @@ def register(sub):
     p.add_argument("--mouth-weight", type=float, default=0.0, help="extra L1 weight on the mouth region (0 = off)")
     p.add_argument("--motion-weight", type=float, default=0.0, help="weight of the L1 between frame-to-frame "
                    "changes of the reconstruction and the video (0 = off): keeps motion inside a latent's frame group")
+    p.add_argument("--adv-adaptive", action="store_true", help="scale the GAN weight by the ratio of the "
+                   "reconstruction's to the GAN term's gradient norm at the decoder's last layer (taming-transformers)")
     p.add_argument("--adv-start", type=int, default=0, help="step at which the adversarial term starts")
     p.set_defaults(fn=cmd_train_vae)

@@ -11,7 +11,8 @@ from rest_model.cli import random_model
 from rest_model.init_student import init_student_loss, student_rollout
 from rest_model.sampler import flow_schedule
 from rest_model.train_teacher import teacher_loss
-from rest_model.train_vae import PatchDiscriminator, motion_l1, region_weights, vae_loss
+from rest_model.metrics import MOUTH_ROI
+from rest_model.train_vae import PatchDiscriminator, motion_l1, patch_weights, region_weights, vae_loss
 from rest_model.data import ClipDataset
 from rest_model.training import (LoopConfig, audio_margin, clip_frames, learning_rate, sample_batch,
                                  train_loop)
@@ -88,6 +89,33 @@ def test_vae_stage_loss_falls(tmp_path):
     records = _run("vae", {"vae": vae, "disc": disc}, step, tmp_path, 40)
     _falls(records, "l1")
     assert "d_loss" in records[-1]
+
+
+def test_adaptive_gan_weight_balances_the_gradients_at_the_decoders_last_layer():
+    """--adv-adaptive: the GAN weight is adv_weight x |grad of reconstruction| / |grad of GAN term| at the
+    decoder's last layer, so a discriminator whose logits grow tenfold gets a tenth of the weight, and the
+    VAE feels the same adversarial pull; the region weights reach the discriminator's patches."""
+    vae, _ = random_model("tiny")
+    disc = PatchDiscriminator(8)
+    video = sample_batch(ClipDataset.from_tensors(toy_clips(1, 8), 8, 25, 16000), 2,
+                         torch.Generator().manual_seed(0))["video"]
+    weights = region_weights(32, 32, face_weight=1.0, mouth_weight=3.0)
+    run = lambda **kw: vae_loss(vae, video, torch.Generator().manual_seed(1), disc=disc, adv_weight=0.5,
+                                weights=weights, **kw)[1]
+    assert run()["w_adv"] == 0.5
+    before = run(adaptive=True)
+    with torch.no_grad():
+        disc.net[-1].weight.mul_(10)
+        disc.net[-1].bias.mul_(10)
+    after = run(adaptive=True)
+    assert after["g_adv"] == pytest.approx(10 * before["g_adv"], rel=1e-4)
+    assert after["w_adv"] == pytest.approx(before["w_adv"] / 10, rel=1e-3)
+    assert 0 < before["w_adv"] < 1e4
+    pw = patch_weights(weights, (8, 8))
+    top, bottom, left, right = MOUTH_ROI
+    row, col = divmod(int(pw.argmax()), 8)
+    assert pw.mean().item() == pytest.approx(1.0) and top * 8 - 1 <= row <= bottom * 8 and left * 8 - 1 <= col <= right * 8
+    assert patch_weights(None, (8, 8)) is None
 
 
 def _within_group_motion_error(rec, video, tc):
