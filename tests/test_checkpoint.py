@@ -7,7 +7,6 @@ from safetensors.torch import save_file
 
 from rest_model import checkpoint
 from rest_model.checkpoint import CheckpointError
-from rest_model.cli import random_model
 from rest_model.config import preset, to_json
 from conftest import audio_features, latent
 

@@ -89,7 +89,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "RGB", "P", "I;16"])
 def test_portraits_of_every_mode_load_as_rgb(tmp_path, mode):
-    path = tmp_path / f"p.png"
+    path = tmp_path / "p.png"
     if mode == "I;16":
         Image.fromarray((np.arange(64 * 48).reshape(48, 64) * 20).astype(np.uint16)).save(path)
     elif mode == "P":

@@ -2,15 +2,13 @@
 and the mp4 round trip; ClipDataset returns aligned audio/video crops of the right shapes."""
 import json
 import shutil
-from fractions import Fraction
 
-import av
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
-from rest_model import media, metrics, synth
+from rest_model import metrics, synth
 from rest_model.cli import main
 from rest_model.data import ClipDataset, SkinDetector, assign_split, prepare
 

@@ -3,7 +3,6 @@ import torch
 
 from rest_model.config import VAEConfig
 from rest_model.vae import CausalVAE
-from conftest import randomize
 
 
 def test_streamed_decode_equals_full_decode(tiny):
