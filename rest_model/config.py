@@ -22,6 +22,7 @@ class VAEConfig:
     blocks_per_level: int = 1  # residual blocks per level
     temporal_kernel: int = 3  # causal conv kernel along latent time (carried state = kernel - 1 frames)
     scaling_factor: float = 1.0  # latents are multiplied by this before the DiT sees them
+    refine_channels: int = 0  # width of the full-resolution pixel refiner after the decoder (0 = none)
 
     def __post_init__(self):
         self.channels = tuple(self.channels)

@@ -45,6 +45,9 @@ def relayout_vae(src: CausalVAE, cfg: VAEConfig) -> CausalVAE:
     if not _same_apart_from(src.cfg, cfg, temporal_compression=0, scaling_factor=1.0):
         raise ValueError("only the temporal compression can be carried over; the VAEs differ in more "
                          f"({to_json(src.cfg)} vs {to_json(cfg)})")
+    if src.cfg.refine_channels:
+        raise ValueError("a VAE with a pixel refiner cannot be carried to another temporal compression: "
+                         "carry it over without one (train-vae --refine-channels 0) and add it after")
     cfg = dataclasses.replace(cfg, scaling_factor=src.cfg.scaling_factor)  # the latent space is carried too
     r, merge = _frame_ratio(src.cfg.temporal_compression, cfg.temporal_compression)
     p = cfg.patch_size

@@ -3,6 +3,7 @@ patch discriminator trained from scratch (no pretrained perceptual network exist
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -16,7 +17,7 @@ from .config import preset
 from .relayout import relayout_vae
 from .training import (add_common_args, clip_frames, export_model, loop_config, region_weights, sample_batch,
                        train_loop, training_data, weighted_mean)
-from .vae import CausalPad, CausalVAE
+from .vae import CausalPad, CausalVAE, with_refiner
 
 
 class PatchDiscriminator(nn.Module):
@@ -116,9 +117,12 @@ def cmd_train_vae(args) -> int:
                 raise ValueError(f"--init {args.init} is not a {args.preset} VAE: {e}") from None
         elif vae.cfg.latent_channels != p.vae.latent_channels or vae.cfg.spatial_compression != p.vae.spatial_compression:
             raise ValueError(f"--init {args.init} is not a {args.preset} VAE")
+        if args.refine_channels is not None and args.refine_channels != vae.cfg.refine_channels:
+            vae = with_refiner(vae, args.refine_channels)
         vae.requires_grad_(True)
     else:
-        vae = CausalVAE(p.vae).to(args.device)
+        cfg = p.vae if args.refine_channels is None else dataclasses.replace(p.vae, refine_channels=args.refine_channels)
+        vae = CausalVAE(cfg).to(args.device)
     if args.decoder_only:
         if not args.init:
             raise ValueError("--decoder-only fine-tunes the decoder of a trained VAE: give it with --init")
@@ -151,6 +155,9 @@ def register(sub):
                    "carried over: see relayout.py)")
     p.add_argument("--decoder-only", action="store_true", help="fine-tune only the decoder of --init: the "
                    "encoder and so the latents (and any DiT trained on them) stay valid")
+    p.add_argument("--refine-channels", type=int, default=None, help="width of the decoder's full-resolution "
+                   "pixel refiner (default: --init's, or the preset's; 0 = none); added to an --init VAE it starts "
+                   "at zero, so --decoder-only can sharpen the frames of a VAE a DiT was trained on")
     p.add_argument("--adv-weight", type=float, default=0.0, help="hinge GAN weight (0 = off)")
     p.add_argument("--face-weight", type=float, default=0.0, help="extra L1 weight on the face box (0 = off)")
     p.add_argument("--mouth-weight", type=float, default=0.0, help="extra L1 weight on the mouth region (0 = off)")

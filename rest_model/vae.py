@@ -9,6 +9,8 @@ reason.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -123,6 +125,33 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(frame_norm(self.norm_out, x)))
 
 
+class PixelRefiner(nn.Module):
+    """A residual full-resolution stage after the decoder's patch unshuffle, per frame.
+
+    The decoder thinks at 1/patch of the resolution and writes each patch's pixels as one linear map of its
+    last features: a small, sharp structure (a mouth's dark interior, teeth, the lip line inside a 4x4
+    patch) comes out blurred. The refiner sees the decoded frame plus `c // 2` extra feature planes per
+    pixel and adds a correction; its last conv starts at zero, so added to a trained decoder it changes
+    nothing until fine-tuned (`train-vae --init --refine-channels`), and the latents stay as they were."""
+
+    def __init__(self, cfg: VAEConfig, cin: int):
+        super().__init__()
+        c, k, p = cfg.refine_channels, cfg.refine_channels // 2, cfg.patch_size
+        self.hidden = nn.Conv3d(cin, k * p * p * cfg.temporal_compression, 1)
+        self.conv1 = nn.Conv2d(3 + k, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, features, video, unshuffle):
+        x = torch.cat([video, unshuffle(self.hidden(features))], 1)
+        b = x.shape[0]
+        x = rearrange(x, "b c t h w -> (b t) c h w")
+        x = self.conv_out(F.silu(self.conv2(F.silu(self.conv1(x)))))
+        return video + rearrange(x, "(b t) c h w -> b c t h w", b=b)
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -136,17 +165,22 @@ class Decoder(nn.Module):
             self.levels.append(nn.ModuleDict(dict(blocks=blocks, up=up)))
         self.norm_out = nn.GroupNorm(_groups(ch[-1]), ch[-1])
         self.conv_out = nn.Conv3d(ch[-1], 3 * cfg.patch_size ** 2 * cfg.temporal_compression, 1)
+        self.refine = PixelRefiner(cfg, ch[-1]) if cfg.refine_channels else None
+
+    def _unshuffle(self, x):  # (B, C*tc*p*p, t, h, w) -> (B, C, t*tc, h*p, w*p)
+        c = self.cfg
+        return rearrange(x, "b (c pt ph pw) t h w -> b c (t pt) (h ph) (w pw)",
+                         pt=c.temporal_compression, ph=c.patch_size, pw=c.patch_size)
 
     def forward(self, z, pad: CausalPad):  # (B, Cz, t, h, w) -> (B, 3, t*tc, H, W)
-        c = self.cfg
         x = self.conv_in(z, pad)
         for level in self.levels:
             for block in level["blocks"]:
                 x = block(x, pad)
             x = level["up"](x)
-        x = self.conv_out(F.silu(frame_norm(self.norm_out, x)))
-        return rearrange(x, "b (c pt ph pw) t h w -> b c (t pt) (h ph) (w pw)",
-                         pt=c.temporal_compression, ph=c.patch_size, pw=c.patch_size)
+        x = F.silu(frame_norm(self.norm_out, x))
+        video = self._unshuffle(self.conv_out(x))
+        return video if self.refine is None else self.refine(x, video, self._unshuffle)
 
 
 DecoderState = list  # the carried conv tails of a streaming decode; None starts a new stream
@@ -194,3 +228,13 @@ class CausalVAE(nn.Module):
         pad = CausalPad(state)
         video = self.decoder(latent / self.cfg.scaling_factor, pad)
         return video, pad.new
+
+
+def with_refiner(vae: CausalVAE, channels: int) -> CausalVAE:
+    """`vae` with a fresh pixel refiner of `channels` (its last conv at zero: the same frames until trained),
+    or with none (0); the encoder, the latents and the rest of the decoder are carried over unchanged."""
+    out = CausalVAE(dataclasses.replace(vae.cfg, refine_channels=channels)).to(next(vae.parameters()).device)
+    state = {k: v for k, v in vae.state_dict().items() if not k.startswith("decoder.refine.")}
+    missing, unexpected = out.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("decoder.refine.") for k in missing), (missing, unexpected)
+    return out

@@ -8,6 +8,7 @@ from rest_model import checkpoint
 from rest_model.cli import main, random_model
 from rest_model.config import preset
 from rest_model.relayout import relayout_dit, relayout_vae, window_offsets
+from rest_model.vae import with_refiner
 from test_training import _tiny_dataset
 
 
@@ -48,6 +49,9 @@ def test_vae_relayout_refuses_anything_but_a_divisible_temporal_compression():
         relayout_vae(src, dataclasses.replace(src.cfg, temporal_compression=2, latent_channels=4))
     with pytest.raises(ValueError, match="cannot carry temporal compression 4 over to 6"):
         relayout_vae(src, dataclasses.replace(src.cfg, temporal_compression=6))
+    refined = with_refiner(src, 4)
+    with pytest.raises(ValueError, match="pixel refiner cannot be carried"):
+        relayout_vae(refined, dataclasses.replace(refined.cfg, temporal_compression=2))
 
 
 def test_carried_dit_reads_each_audio_frame_offset_with_the_source_embedding():

@@ -332,6 +332,16 @@ def test_decoder_only_fine_tune_keeps_the_latents(tmp_path):
     assert tuned.cfg.scaling_factor == 0.7
     for (k, a), b in zip(vae.state_dict().items(), tuned.state_dict().values()):
         assert torch.equal(a, b) == k.startswith("encoder."), k
+    # --refine-channels: a pixel refiner added and trained with the decoder; the latents stay the same
+    assert main(["train-vae", "--data", str(data), "--out", str(tmp_path / "refined"), "--preset", "tiny",
+                 "--steps", "3", "--batch", "1", "--chunks", "1", "--lr", "1e-2", "--init",
+                 str(tmp_path / "v.safetensors"), "--decoder-only", "--refine-channels", "4", "--device", "cpu"]) == 0
+    refined = checkpoint.load_vae(tmp_path / "refined" / "rest_vae.safetensors")
+    assert refined.cfg.refine_channels == 4 and refined.cfg.scaling_factor == 0.7
+    state = refined.state_dict()
+    assert any(k.startswith("decoder.refine.") for k in state)
+    assert all(torch.equal(v, state[k]) for k, v in vae.state_dict().items() if k.startswith("encoder."))
+    assert refined.decoder.refine.conv_out.weight.abs().sum() > 0  # it trained, from its zero start
 
 
 def _tiny_dataset(root, clips: int = 1, frames: int = 16):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rest_model.config import VAEConfig
-from rest_model.vae import CausalVAE
+from rest_model.vae import CausalVAE, with_refiner
 
 
 def test_streamed_decode_equals_full_decode(tiny):
@@ -16,6 +16,34 @@ def test_streamed_decode_equals_full_decode(tiny):
         sizes.append(sum(t.numel() for t in state))
     torch.testing.assert_close(torch.cat(parts, 2), full, atol=1e-5, rtol=1e-5)
     assert len(set(sizes)) == 1, f"decoder state must not grow with the stream: {sizes}"
+
+
+def test_pixel_refiner_starts_as_the_plain_decoder_and_streams_exactly(tiny):
+    """A refiner added to a trained VAE changes no frame until trained, keeps the latents, and once trained
+    the decode still streams exactly, with a fixed state, and stays causal."""
+    vae, _ = tiny
+    z = torch.randn(1, vae.cfg.latent_channels, 5, 4, 4)
+    video = torch.rand(1, 3, 2 * vae.cfg.temporal_compression, 32, 32) * 2 - 1
+    ref = with_refiner(vae, 8).eval()
+    assert ref.cfg.refine_channels == 8 and vae.cfg.refine_channels == 0
+    with torch.no_grad():
+        torch.testing.assert_close(ref.decode(z), vae.decode(z), atol=0, rtol=0)
+        assert torch.equal(ref.encode(video), vae.encode(video))
+        torch.nn.init.normal_(ref.decoder.refine.conv_out.weight, std=0.1)
+        full = ref.decode(z)
+        assert not torch.allclose(full, vae.decode(z), atol=1e-3)
+        state, parts, sizes = None, [], []
+        for a, b in [(0, 2), (2, 3), (3, 5)]:
+            frames, state = ref.decode_chunk(z[:, :, a:b], state)
+            parts.append(frames)
+            sizes.append(sum(t.numel() for t in state))
+        torch.testing.assert_close(torch.cat(parts, 2), full, atol=1e-5, rtol=1e-5)
+        assert len(set(sizes)) == 1
+        z2 = z.clone()
+        z2[:, :, 4] += 1.0
+        tc = vae.cfg.temporal_compression
+        assert torch.equal(ref.decode(z2)[:, :, :4 * tc], full[:, :, :4 * tc])
+    assert with_refiner(ref, 0).decoder.refine is None
 
 
 def test_decoder_is_causal(tiny):
