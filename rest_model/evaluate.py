@@ -44,6 +44,7 @@ from .sampler import flow_schedule, sample_clip
 from .streamer import AudioSource, stream
 
 SHIFTS_S = (-0.5, -0.25, -0.12, 0.12, 0.25, 0.5)
+PROBE_CLIPS = 32  # training clips the latent probe is fit on
 LAST_SYNC_S = 10.0  # lip-sync after the long stream is measured over its last this many seconds
 
 
@@ -233,21 +234,48 @@ def long_stream(vae, dit, clips: list[TestClip], sr: int, minutes: float, seed: 
             "long_frames": n, "expected_frames": int(n_total)}
 
 
+def _video(vae, frames: np.ndarray) -> torch.Tensor:
+    """[T, H, W, 3] uint8 -> [1, 3, T', H, W] in [-1, 1] on the VAE's device, T' whole latent frames (the
+    last frame repeated)."""
+    p = next(vae.parameters())
+    x = torch.from_numpy(frames).to(p.device).permute(3, 0, 1, 2)[None].to(p.dtype) / 127.5 - 1
+    pad = -x.shape[2] % vae.cfg.temporal_compression
+    return torch.cat([x, x[:, :, -1:].expand(-1, -1, pad, -1, -1)], 2)
+
+
 @torch.no_grad()
 def vae_ceiling(vae, clips: list[TestClip], sr: int, fps: int, max_offset: int) -> Row:
     """The ground truth through the VAE (encode + decode): the best lip-sync and flicker any DiT can reach
     with this VAE, so a low score can be put on the VAE or on the DiT."""
     row = Row("VAE reconstruction", "VAE ceiling")
-    p = next(vae.parameters())
     for i, c in enumerate(clips):
-        x = torch.from_numpy(c.frames).to(p.device).permute(3, 0, 1, 2)[None].to(p.dtype) / 127.5 - 1
-        pad = -x.shape[2] % vae.cfg.temporal_compression  # whole latent frames: repeat the last frame
-        x = torch.cat([x, x[:, :, -1:].expand(-1, -1, pad, -1, -1)], 2)
-        rec = _to_uint8(vae.decode(vae.encode(x))[0].transpose(0, 1))[: len(c.frames)]
+        rec = _to_uint8(vae.decode(vae.encode(_video(vae, c.frames)))[0].transpose(0, 1))[: len(c.frames)]
         row.add_sync(rec, clips, i, sr, fps, max_offset)
         row.add_motion(rec, c.frames, vae.cfg.temporal_compression)
         row.flicker.append(metrics.flicker(rec, c.mask))
     return row
+
+
+@torch.no_grad()
+def latent_mouth_probe(vae, train: list[TestClip], test: list[TestClip]) -> dict:
+    """Which half of the VAE limits the ceiling's lip-sync: a linear read-out of the ground truth's mouth
+    openness from the latent cells over the mouth (`metrics.latent_probe`), fit on training clips and
+    scored on the test clips, per frame of a latent and for the change inside one."""
+    tc = vae.cfg.temporal_compression
+
+    def features(clips):
+        xs, ys = [], []
+        for c in clips:
+            n = len(c.frames) // tc * tc
+            z = vae.encode(_video(vae, c.frames[:n]))[0]  # [Cz, t, h, w]
+            h, w = z.shape[-2:]
+            top, bottom, left, right = metrics.MOUTH_ROI  # every cell the mouth region touches
+            cells = z[:, :, math.floor(top * h):math.ceil(bottom * h), math.floor(left * w):math.ceil(right * w)]
+            xs.append(cells.permute(1, 0, 2, 3).flatten(1).float().cpu().numpy())
+            ys.append(metrics.mouth_openness(c.frames[:n]).reshape(-1, tc))
+        return np.concatenate(xs), np.concatenate(ys)
+
+    return metrics.latent_probe(*features(train), *features(test)) | dict(train_clips=len(train))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +320,12 @@ def format_report(check: dict, rows: list[dict], minutes: float) -> str:
                      f"{_fmt(r['flicker'], '.2f'):>7} {_fmt(r.get('id_psnr_start'), '.2f'):>7} "
                      f"{_fmt(r.get('id_ssim_start')):>6} {_fmt(r.get('id_psnr_end'), '.2f'):>8} "
                      f"{_fmt(r.get('id_ssim_end')):>8} {_fmt(r.get('sync_end')):>8} {_fmt(r.get('gen_fps'), '.1f'):>6}")
+    probe = next((r["latent_probe"] for r in rows if r.get("latent_probe")), None)
+    if probe:
+        lines += ["", f"mouth openness read linearly from the VAE's latents (fit on {probe['train_clips']} training "
+                  f"clips, scored on the test clips): per frame of a latent r = "
+                  + ", ".join(f"{v:.2f}" for v in probe["frames"])
+                  + f"; its change inside a latent r = {_fmt(probe['in_group'], '.2f')}"]
     lines += ["", "sync: correlation of mouth opening with the speech at the best offset (1 = perfect); |off|: that "
               "offset in frames; chance: the same frames scored against another clip's speech (lip-sync is real only "
               "well above it); conf: best minus median over offsets; in-grp: mouth motion between the frames that "
@@ -331,7 +365,10 @@ def evaluate(vae_path: str, dit_paths: list[str], data: str, teacher: str | None
     check = metric_check(clips, gt, sr, fps, max_offset)
     sim = metrics.face_similarity(clips[0].frames[1:fps + 1], clips[0].frames[0])
     gt.long = {"id_psnr_start": sim["psnr"], "id_ssim_start": sim["ssim"]}
-    rows = [gt.summary(), vae_ceiling(vae, clips, sr, fps, max_offset).summary()]
+    ceiling = vae_ceiling(vae, clips, sr, fps, max_offset).summary()
+    if any(c.get("split") == "train" for c in index["clips"]):
+        ceiling["latent_probe"] = latent_mouth_probe(vae, load_test_clips(data, res, "train", PROBE_CLIPS)[0], clips)
+    rows = [gt.summary(), ceiling]
     for path in dit_paths:
         dit = first_dit if path == dit_paths[0] else checkpoint.load_dit(path, device)
         try:

@@ -208,6 +208,31 @@ def mouth_motion(frames, group: int, roi=MOUTH_ROI) -> tuple[float, float]:
     return float(d[inside].mean()), float(d[~inside].mean())
 
 
+def latent_probe(train_x, train_y, test_x, test_y, ridge: float = 10.0) -> dict:
+    """How much of a per-frame signal a linear read-out of latent features recovers on held-out data.
+
+    x: [N, D] features of N latent frames (e.g. the latent cells over the mouth); y: [N, tc] the signal
+    (e.g. mouth openness) of each latent frame's tc video frames. A ridge regression fit on train is scored
+    on test by correlation: `frames` [tc] per frame of a latent, `in_group` for the change from a latent's
+    first to its last frame (what a decoder must show to move the mouth inside a latent frame; nan at tc 1).
+    What a linear probe cannot read a decoder may still recover, so it is a floor on the information; a low
+    `in_group` beside a high `frames` says the latent holds one mouth per latent frame, not tc of them."""
+    xs = [np.asarray(a, np.float64) for a in (train_x, test_x)]
+    ys = [np.asarray(a, np.float64).reshape(len(a), -1) for a in (train_y, test_y)]
+    if xs[0].ndim != 2 or len(xs[0]) != len(ys[0]) or len(xs[1]) != len(ys[1]) or xs[0].shape[1] != xs[1].shape[1]:
+        raise ValueError(f"latent_probe needs x [N, D] and y [N, tc] of matching N and D, got "
+                         f"{xs[0].shape}/{ys[0].shape} and {xs[1].shape}/{ys[1].shape}")
+    if len(xs[1]) < 3:
+        raise ValueError(f"latent_probe needs at least 3 test samples, got {len(xs[1])}")
+    mu, sd = xs[0].mean(0), xs[0].std(0) + 1e-8
+    a, b = [np.c_[(x - mu) / sd, np.ones(len(x))] for x in xs]
+    w = np.linalg.solve(a.T @ a + ridge * np.eye(a.shape[1]), a.T @ ys[0])
+    pred, y = b @ w, ys[1]
+    frames = [_corr(pred[:, k], y[:, k]) for k in range(y.shape[1])]
+    in_group = _corr(pred[:, -1] - pred[:, 0], y[:, -1] - y[:, 0]) if y.shape[1] > 1 else float("nan")
+    return dict(frames=frames, in_group=in_group)
+
+
 def shift_audio(wave, samples: int) -> np.ndarray:
     """Delay (+) or advance (-) a waveform by a number of samples, keeping its length (silence fills)."""
     w = np.asarray(wave, dtype=np.float32)

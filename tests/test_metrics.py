@@ -139,6 +139,27 @@ def test_mouth_motion_inside_and_across_latent_frame_groups(clips):
 # ---------------------------------------------------------------------------------------------
 # the eval command, end to end with tiny untrained models
 # ---------------------------------------------------------------------------------------------
+def test_latent_probe_tells_one_mouth_per_latent_from_two():
+    """A latent that holds only the mean openness of its two frames reads well per frame and not at all for
+    the change inside it (the frozen pair); one that holds both reads both; one that holds neither, nothing."""
+    rng = np.random.default_rng(0)
+    y = rng.uniform(0, 1, (2, 600, 2))  # train / test: openness of each latent frame's 2 video frames
+    mix = rng.normal(size=(3, 24))
+
+    def latents(signal):  # signal [N, k] spread over 24 noisy feature dims
+        return signal @ mix[: signal.shape[1]] + 0.01 * rng.normal(size=(len(signal), 24))
+
+    for code, frames, change in [(lambda yy: yy.mean(1, keepdims=True), (0.6, 0.8), (-0.15, 0.15)),  # one mouth
+                                 (lambda yy: yy, (0.99, 1.0), (0.99, 1.0)),  # both frames' mouths
+                                 (lambda yy: rng.uniform(0, 1, (len(yy), 1)), (-0.15, 0.15), (-0.15, 0.15))]:
+        r = metrics.latent_probe(latents(code(y[0])), y[0], latents(code(y[1])), y[1])
+        assert len(r["frames"]) == 2 and all(frames[0] <= f <= frames[1] for f in r["frames"]), r
+        assert change[0] <= r["in_group"] <= change[1], r
+    assert np.isnan(metrics.latent_probe(y[0, :, :1], y[0, :, :1], y[1, :, :1], y[1, :, :1])["in_group"])
+    with pytest.raises(ValueError, match="matching N and D"):
+        metrics.latent_probe(y[0], y[0][:-1], y[1], y[1])
+
+
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
     from rest_model.data import prepare
@@ -179,6 +200,9 @@ def test_eval_command_side_by_side(tiny, tiny_dataset, tmp_path, capsys):
     assert gt["mouth_motion_in_group"] == 1.0 and "in-grp" in out
     assert all(np.isfinite(r["mouth_motion_in_group"]) and r["mouth_motion_in_group"] != 1.0
                for r in (ceiling, teacher, student))
+    probe = ceiling["latent_probe"]  # fit on the dataset's training clips
+    assert len(probe["frames"]) == vae.cfg.temporal_compression and probe["train_clips"] >= 1
+    assert all(-1 <= v <= 1 for v in probe["frames"] + [probe["in_group"]]) and "read linearly" in out
     assert "id_psnr_end" not in teacher  # the teacher cannot stream
     assert student["long_frames"] == student["expected_frames"] == 60  # 0.04 min at 25 fps
     assert np.isfinite([student["id_psnr_start"], student["id_ssim_end"], student["long_flicker"]]).all()
