@@ -35,6 +35,17 @@ class PatchDiscriminator(nn.Module):
         return self.net(rearrange(video, "b c t h w -> (b t) c h w"))
 
 
+CHANGE_FULL = 0.1  # a change from the previous frame of this much ([-1, 1] units, ~13 grey levels) gets the whole --change-weight
+
+
+def change_weights(video: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel L1 multipliers [B, 1, T, H, W]: 1 + weight where a pixel changed from the previous frame by
+    CHANGE_FULL or more, in proportion below (the first frame has no previous one: 1). Unlike the motion
+    term it asks for each frame itself, so where the latent cannot settle the change it is not drawn to none."""
+    change = F.pad(video.diff(dim=2).abs().mean(1, keepdim=True), (0, 0, 0, 0, 1, 0))
+    return 1 + weight * (change / CHANGE_FULL).clamp(max=1)
+
+
 def motion_l1(rec: torch.Tensor, video: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean |change of rec - change of video| between consecutive frames ([B, C, T, H, W]), region-weighted."""
     return weighted_mean((rec.diff(dim=2) - video.diff(dim=2)).abs(), weights)
@@ -61,7 +72,7 @@ def gradient_ratio(rec_loss: torch.Tensor, g_loss: torch.Tensor, layer: torch.Te
 def vae_loss(vae: CausalVAE, video: torch.Tensor, g: torch.Generator, kl_weight: float = 1e-4,
              disc: PatchDiscriminator | None = None, adv_weight: float = 0.0,
              weights: torch.Tensor | None = None, decoder_only: bool = False,
-             motion_weight: float = 0.0, adaptive: bool = False) -> tuple[torch.Tensor, dict]:
+             motion_weight: float = 0.0, adaptive: bool = False, change_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     """L1 (+ region weights) + KL (+ hinge GAN) (+ motion: L1 between the frame-to-frame changes).
 
     With `adaptive` the GAN term's weight is `adv_weight` times the ratio of the reconstruction's to the
@@ -77,7 +88,10 @@ def vae_loss(vae: CausalVAE, video: torch.Tensor, g: torch.Generator, kl_weight:
         mean, logvar = vae.encode_dist(video)
     z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g).to(mean)
     rec = vae.decoder(z, CausalPad())
-    l1 = weighted_mean((rec - video).abs(), weights)
+    err = (rec - video).abs()
+    if change_weight > 0:
+        err = err * change_weights(video, change_weight)
+    l1 = weighted_mean(err, weights)
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
     loss, logs = l1 + kl_weight * kl, {"l1": l1.item(), "kl": kl.item()}
     if motion_weight > 0:
@@ -135,7 +149,7 @@ def cmd_train_vae(args) -> int:
     def step(i, g):
         video = sample_batch(data, args.batch, g)["video"].to(args.device)
         return vae_loss(vae, video, g, args.kl_weight, disc, args.adv_weight if i >= args.adv_start else 0.0,
-                        weights, args.decoder_only, args.motion_weight, args.adv_adaptive)
+                        weights, args.decoder_only, args.motion_weight, args.adv_adaptive, args.change_weight)
 
     def export():
         if not args.decoder_only:  # a frozen encoder keeps its latent scale
@@ -165,5 +179,8 @@ def register(sub):
                    "changes of the reconstruction and the video (0 = off): keeps motion inside a latent's frame group")
     p.add_argument("--adv-adaptive", action="store_true", help="scale the GAN weight by the ratio of the "
                    "reconstruction's to the GAN term's gradient norm at the decoder's last layer (taming-transformers)")
+    p.add_argument("--change-weight", type=float, default=0.0, help="extra L1 weight on the pixels that change "
+                   "from the previous frame (full at a change of 13 grey levels; 0 = off): weights getting both "
+                   "frames of a latent right where they differ, without the motion term's pull to no change")
     p.add_argument("--adv-start", type=int, default=0, help="step at which the adversarial term starts")
     p.set_defaults(fn=cmd_train_vae)

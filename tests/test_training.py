@@ -12,7 +12,8 @@ from rest_model.init_student import init_student_loss, student_rollout
 from rest_model.sampler import flow_schedule
 from rest_model.train_teacher import teacher_loss
 from rest_model.metrics import MOUTH_ROI
-from rest_model.train_vae import PatchDiscriminator, motion_l1, patch_weights, region_weights, vae_loss
+from rest_model.train_vae import (CHANGE_FULL, PatchDiscriminator, change_weights, motion_l1, patch_weights, region_weights,
+                                  vae_loss)
 from rest_model.data import ClipDataset
 from rest_model.training import (LoopConfig, audio_margin, clip_frames, learning_rate, sample_batch,
                                  train_loop)
@@ -116,6 +117,24 @@ def test_adaptive_gan_weight_balances_the_gradients_at_the_decoders_last_layer()
     row, col = divmod(int(pw.argmax()), 8)
     assert pw.mean().item() == pytest.approx(1.0) and top * 8 - 1 <= row <= bottom * 8 and left * 8 - 1 <= col <= right * 8
     assert patch_weights(None, (8, 8)) is None
+
+
+def test_change_weights_weigh_the_pixels_that_move():
+    """--change-weight: 1 on a still video and on the first frame; 1 + w where a pixel moved by CHANGE_FULL or
+    more, proportionally less for a smaller change; and the stage's L1 counts those pixels that much more."""
+    video = torch.zeros(1, 3, 4, 8, 8)
+    video[:, :, 2:, 1, 1] = 2 * CHANGE_FULL  # moves at frame 2 and stays: a change at frame 2 only
+    video[:, :, 3, 5, 5] = 0.5 * CHANGE_FULL  # a small change at frame 3
+    w = change_weights(video, 4.0)
+    assert w.shape == (1, 1, 4, 8, 8) and torch.equal(change_weights(torch.ones(1, 3, 4, 8, 8), 4.0), torch.ones(1, 1, 4, 8, 8))
+    assert w[0, 0, 2, 1, 1] == pytest.approx(5.0) and w[0, 0, 3, 5, 5] == pytest.approx(3.0)
+    assert w[0, 0, 3, 1, 1] == 1.0 and w[0, 0, 0].eq(1).all() and (w == 1).sum() == w.numel() - 2
+    vae, _ = random_model("tiny")
+    clip = sample_batch(ClipDataset.from_tensors(toy_clips(1, 8), 8, 25, 16000), 2, torch.Generator().manual_seed(0))["video"]
+    l1 = lambda v, k: vae_loss(vae, v, torch.Generator().manual_seed(1), change_weight=k)[1]["l1"]  # noqa: E731
+    assert l1(clip, 4.0) > 1.02 * l1(clip, 0.0)
+    still = clip[:, :, :1].expand_as(clip).contiguous()
+    assert l1(still, 4.0) == pytest.approx(l1(still, 0.0), rel=1e-6)
 
 
 def _within_group_motion_error(rec, video, tc):
