@@ -73,7 +73,8 @@ def vae_loss(vae: CausalVAE, video: torch.Tensor, g: torch.Generator, kl_weight:
              disc: PatchDiscriminator | None = None, adv_weight: float = 0.0,
              weights: torch.Tensor | None = None, decoder_only: bool = False,
              motion_weight: float = 0.0, adaptive: bool = False, change_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """L1 (+ region weights) + KL (+ hinge GAN) (+ motion: L1 between the frame-to-frame changes).
+    """L1 (+ region weights, + change weights) + KL (+ hinge GAN) (+ motion: L1 between the frame-to-frame
+    changes).
 
     With `adaptive` the GAN term's weight is `adv_weight` times the ratio of the reconstruction's to the
     GAN term's gradient norm at the decoder's last layer (Esser et al., taming-transformers): a fixed weight

@@ -129,10 +129,11 @@ class PixelRefiner(nn.Module):
     """A residual full-resolution stage after the decoder's patch unshuffle, per frame.
 
     The decoder thinks at 1/patch of the resolution and writes each patch's pixels as one linear map of its
-    last features: a small, sharp structure (a mouth's dark interior, teeth, the lip line inside a 4x4
-    patch) comes out blurred. The refiner sees the decoded frame plus `c // 2` extra feature planes per
-    pixel and adds a correction; its last conv starts at zero, so added to a trained decoder it changes
-    nothing until fine-tuned (`train-vae --init --refine-channels`), and the latents stay as they were."""
+    last features, which can blur a structure smaller than a patch (a lip line, teeth). The refiner sees the
+    decoded frame plus `c // 2` extra feature planes per pixel and adds a correction; its last conv starts at
+    zero, so added to a trained decoder it changes nothing until fine-tuned (`train-vae --init
+    --refine-channels`), and the latents stay as they were. On the demo VAE it did not lift the lip-sync
+    ceiling (README): there the latents, not the decoder, lack the mouth's motion inside a latent frame."""
 
     def __init__(self, cfg: VAEConfig, cin: int):
         super().__init__()
