@@ -84,7 +84,9 @@ def vae_loss(vae: CausalVAE, video: torch.Tensor, g: torch.Generator, kl_weight:
     average frame per group, and the frames of a group then come out identical, a mouth that moves only
     every tc frames (measured: within-group mouth motion 0.1 vs 5 grey levels in the ground truth). It is
     no cure on its own: a 300-step fine-tune of the collapsed demo VAE with it left the groups frozen, and
-    from scratch it slowed the fall of L1 (0.27 vs 0.08 at step 1,500)."""
+    from scratch it slowed the fall of L1 (0.27 vs 0.08 at step 1,500). On the 2-frame demo VAE it froze the
+    pairs further (in-grp 0.18 -> 0.08): where the latent does not settle a change, the L1 between changes is
+    least at their median, no change. `change_weight` asks for each frame itself where it moves instead."""
     with torch.set_grad_enabled(torch.is_grad_enabled() and not decoder_only):
         mean, logvar = vae.encode_dist(video)
     z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g).to(mean)
