@@ -125,6 +125,12 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(frame_norm(self.norm_out, x)))
 
 
+def patch_unshuffle(x: torch.Tensor, cfg: VAEConfig) -> torch.Tensor:
+    """(B, C*tc*p*p, t, h, w) -> (B, C, t*tc, h*p, w*p): the decoder's per-patch channels back to frames."""
+    return rearrange(x, "b (c pt ph pw) t h w -> b c (t pt) (h ph) (w pw)",
+                     pt=cfg.temporal_compression, ph=cfg.patch_size, pw=cfg.patch_size)
+
+
 class PixelRefiner(nn.Module):
     """A residual full-resolution stage after the decoder's patch unshuffle, per frame.
 
@@ -137,6 +143,7 @@ class PixelRefiner(nn.Module):
 
     def __init__(self, cfg: VAEConfig, cin: int):
         super().__init__()
+        self.cfg = cfg
         c, k, p = cfg.refine_channels, cfg.refine_channels // 2, cfg.patch_size
         self.hidden = nn.Conv3d(cin, k * p * p * cfg.temporal_compression, 1)
         self.conv1 = nn.Conv2d(3 + k, c, 3, padding=1)
@@ -145,8 +152,8 @@ class PixelRefiner(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, features, video, unshuffle):
-        x = torch.cat([video, unshuffle(self.hidden(features))], 1)
+    def forward(self, features, video):
+        x = torch.cat([video, patch_unshuffle(self.hidden(features), self.cfg)], 1)
         b = x.shape[0]
         x = rearrange(x, "b c t h w -> (b t) c h w")
         x = self.conv_out(F.silu(self.conv2(F.silu(self.conv1(x)))))
@@ -168,11 +175,6 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv3d(ch[-1], 3 * cfg.patch_size ** 2 * cfg.temporal_compression, 1)
         self.refine = PixelRefiner(cfg, ch[-1]) if cfg.refine_channels else None
 
-    def _unshuffle(self, x):  # (B, C*tc*p*p, t, h, w) -> (B, C, t*tc, h*p, w*p)
-        c = self.cfg
-        return rearrange(x, "b (c pt ph pw) t h w -> b c (t pt) (h ph) (w pw)",
-                         pt=c.temporal_compression, ph=c.patch_size, pw=c.patch_size)
-
     def forward(self, z, pad: CausalPad):  # (B, Cz, t, h, w) -> (B, 3, t*tc, H, W)
         x = self.conv_in(z, pad)
         for level in self.levels:
@@ -180,8 +182,8 @@ class Decoder(nn.Module):
                 x = block(x, pad)
             x = level["up"](x)
         x = F.silu(frame_norm(self.norm_out, x))
-        video = self._unshuffle(self.conv_out(x))
-        return video if self.refine is None else self.refine(x, video, self._unshuffle)
+        video = patch_unshuffle(self.conv_out(x), self.cfg)
+        return video if self.refine is None else self.refine(x, video)
 
 
 DecoderState = list  # the carried conv tails of a streaming decode; None starts a new stream

@@ -92,14 +92,19 @@ def test_vae_stage_loss_falls(tmp_path):
     assert "d_loss" in records[-1]
 
 
+def _toy_video(frames: int, batch: int) -> torch.Tensor:
+    """A fixed [batch, 3, frames, 32, 32] crop batch of one toy clip of `frames` frames."""
+    data = ClipDataset.from_tensors(toy_clips(1, frames), frames, 25, 16000)
+    return sample_batch(data, batch, torch.Generator().manual_seed(0))["video"]
+
+
 def test_adaptive_gan_weight_balances_the_gradients_at_the_decoders_last_layer():
     """--adv-adaptive: the GAN weight is adv_weight x |grad of reconstruction| / |grad of GAN term| at the
     decoder's last layer, so a discriminator whose logits grow tenfold gets a tenth of the weight, and the
     VAE feels the same adversarial pull; the region weights reach the discriminator's patches."""
     vae, _ = random_model("tiny")
     disc = PatchDiscriminator(8)
-    video = sample_batch(ClipDataset.from_tensors(toy_clips(1, 8), 8, 25, 16000), 2,
-                         torch.Generator().manual_seed(0))["video"]
+    video = _toy_video(8, 2)
     weights = region_weights(32, 32, face_weight=1.0, mouth_weight=3.0)
     run = lambda **kw: vae_loss(vae, video, torch.Generator().manual_seed(1), disc=disc, adv_weight=0.5,
                                 weights=weights, **kw)[1]
@@ -130,7 +135,7 @@ def test_change_weights_weigh_the_pixels_that_move():
     assert w[0, 0, 2, 1, 1] == pytest.approx(5.0) and w[0, 0, 3, 5, 5] == pytest.approx(3.0)
     assert w[0, 0, 3, 1, 1] == 1.0 and w[0, 0, 0].eq(1).all() and (w == 1).sum() == w.numel() - 2
     vae, _ = random_model("tiny")
-    clip = sample_batch(ClipDataset.from_tensors(toy_clips(1, 8), 8, 25, 16000), 2, torch.Generator().manual_seed(0))["video"]
+    clip = _toy_video(8, 2)
     l1 = lambda v, k: vae_loss(vae, v, torch.Generator().manual_seed(1), change_weight=k)[1]["l1"]  # noqa: E731
     assert l1(clip, 4.0) > 1.02 * l1(clip, 0.0)
     still = clip[:, :, :1].expand_as(clip).contiguous()
@@ -148,8 +153,7 @@ def test_vae_motion_term_keeps_the_motion_inside_a_latent_frame_group(tmp_path):
     """A tc-frame group shares one latent, and plain L1 is nearly met by one average frame per group: the
     motion term (L1 between frame-to-frame changes) is blind to a static error, sees a group-frozen
     reconstruction, and training with it reproduces the motion inside the groups more faithfully."""
-    video = sample_batch(ClipDataset.from_tensors(toy_clips(1, 16), 16, 25, 16000), 1,
-                         torch.Generator().manual_seed(0))["video"]
+    video = _toy_video(16, 1)
     assert motion_l1(video + 0.3, video).item() == pytest.approx(0.0, abs=1e-6)
     frozen = video.unflatten(2, (-1, 4)).mean(3, keepdim=True).expand(-1, -1, -1, 4, -1, -1).flatten(2, 3)
     assert motion_l1(frozen, video).item() > 0.5 * video.diff(dim=2).abs().mean().item()
