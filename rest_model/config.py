@@ -30,6 +30,8 @@ class VAEConfig:
         if self.spatial_compression % self.patch_size or levels & (levels - 1):
             raise ValueError(f"spatial_compression {self.spatial_compression} must be patch_size "
                              f"{self.patch_size} times a power of two")
+        if self.refine_channels != 0 and self.refine_channels < 2:
+            raise ValueError(f"refine_channels {self.refine_channels} must be 0 (no pixel refiner) or at least 2")
         if len(self.channels) != int(math.log2(levels)) + 1:
             raise ValueError(f"VAE channels {self.channels} need {int(math.log2(levels)) + 1} levels for "
                              f"spatial_compression {self.spatial_compression} / patch {self.patch_size}")

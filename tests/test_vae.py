@@ -44,6 +44,9 @@ def test_pixel_refiner_starts_as_the_plain_decoder_and_streams_exactly(tiny):
         tc = vae.cfg.temporal_compression
         assert torch.equal(ref.decode(z2)[:, :, :4 * tc], full[:, :, :4 * tc])
     assert with_refiner(ref, 0).decoder.refine is None
+    for bad in (-1, 1):
+        with pytest.raises(ValueError, match=f"refine_channels {bad} must be 0"):
+            with_refiner(vae, bad)
 
 
 def test_decoder_is_causal(tiny):
