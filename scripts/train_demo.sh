@@ -7,7 +7,8 @@
 #  2. Carried over to 2 frames per latent frame (rest_model/relayout.py: the VAE keeps its latent space, the
 #     DiT its audio-window embeddings) and fine-tuned through the same stages (VAE 1,500 steps, teacher 3,000
 #     from the phase-1 DiT, student init 300, ASD 200 with audio guidance 7; about 1.6 hours on 2 CPU cores):
-#     the one shipped at commit 9756bca, made by that commit's scripts/train_demo.sh.
+#     the one shipped at commit 9756bca, made by that commit's scripts/train_demo.sh (its VAE run was started
+#     with --steps 3000 and resumed at step 200 with 1500, so its first 200 learning rates differ slightly).
 #  3. Fine-tuned once more, with extra VAE loss on the pixels that change from frame to frame
 #     (--change-weight): VAE 2,000 steps from phase 2's VAE, teacher 2,000 from phase 2's ASD student (a
 #     causal DiT of the same shape: only the attention mask differs), student init 300, ASD 200 with audio
@@ -15,7 +16,9 @@
 #     git history instead of training phases 1 and 2 again.
 # Every stage spends extra loss weight on the mouth region (--mouth-weight): lip-sync lives in a few pixels
 # (VAE) and a few latent cells (DiT stages) that an unweighted loss leaves for last.
-# Every stage resumes from its last snapshot, so re-running this after an interruption continues.
+# Every stage resumes from its last snapshot, so re-running this after an interruption continues. Phase 3 writes
+# to RUN_DIR/phase3, not the ckpt/ folder earlier versions of this script used, so a finished phase-2 run there
+# is never resumed as if it were phase 3.
 #   bash scripts/train_demo.sh [RUN_DIR]      (default runs/demo)
 # Step counts can be overridden: VAE_STEPS, TEACHER_STEPS, STUDENT_STEPS, ASD_STEPS.
 set -euo pipefail
@@ -32,20 +35,21 @@ done
 [ -f "$RUN/synth/.done" ] || { $PY -m rest_model synth --out "$RUN/synth" --n 400 --seconds 6 --identities 100 \
     --seed 0 && touch "$RUN/synth/.done"; }
 [ -f "$RUN/data/index.json" ] || $PY -m rest_model prepare --videos "$RUN/synth" --out "$RUN/data" --preset demo
-common=(--data "$RUN/data" --out "$RUN/ckpt" --preset demo --save-every 100)
+CKPT="$RUN/phase3"
+common=(--data "$RUN/data" --out "$CKPT" --preset demo --save-every 100)
 dit=(--mouth-weight 6)
 $PY -m rest_model train-vae "${common[@]}" --init "$RUN/phase2/rest_vae_demo.safetensors" \
     --steps "${VAE_STEPS:-2000}" --batch 4 --chunks 4 --lr 3e-4 --face-weight 1 --mouth-weight 6 --change-weight 4
-VAE="$RUN/ckpt/rest_vae.safetensors"
+VAE="$CKPT/rest_vae.safetensors"
 $PY -m rest_model train-teacher "${common[@]}" "${dit[@]}" --vae "$VAE" --init "$RUN/phase2/rest_dit_demo.safetensors" \
     --steps "${TEACHER_STEPS:-2000}" --batch 4 --chunks 3 --lr 2e-4
-$PY -m rest_model init-student "${common[@]}" "${dit[@]}" --vae "$VAE" --teacher "$RUN/ckpt/teacher.safetensors" \
+$PY -m rest_model init-student "${common[@]}" "${dit[@]}" --vae "$VAE" --teacher "$CKPT/teacher.safetensors" \
     --steps "${STUDENT_STEPS:-300}" --batch 4 --chunks 3 --lr 2e-4
-$PY -m rest_model distill "${common[@]}" "${dit[@]}" --vae "$VAE" --teacher "$RUN/ckpt/teacher.safetensors" \
-    --student "$RUN/ckpt/student_init.safetensors" --steps "${ASD_STEPS:-200}" --batch 4 --chunks 3 --lr 1e-4 \
+$PY -m rest_model distill "${common[@]}" "${dit[@]}" --vae "$VAE" --teacher "$CKPT/teacher.safetensors" \
+    --student "$CKPT/student_init.safetensors" --steps "${ASD_STEPS:-200}" --batch 4 --chunks 3 --lr 1e-4 \
     --audio-guidance 4
 mkdir -p models/demo
 # float16 storage halves the files (the loaders cast back to float32)
 $PY -m rest_model export --in "$VAE" --out models/demo/rest_vae_demo.safetensors
-$PY -m rest_model export --in "$RUN/ckpt/student_asd.safetensors" --out models/demo/rest_dit_demo.safetensors
-echo "demo model -> models/demo/ (VAE + ASD student); teacher and pre-ASD student stay in $RUN/ckpt"
+$PY -m rest_model export --in "$CKPT/student_asd.safetensors" --out models/demo/rest_dit_demo.safetensors
+echo "demo model -> models/demo/ (VAE + ASD student); teacher and pre-ASD student stay in $CKPT"
