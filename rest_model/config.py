@@ -23,6 +23,10 @@ class VAEConfig:
     temporal_kernel: int = 3  # causal conv kernel along latent time (carried state = kernel - 1 frames)
     scaling_factor: float = 1.0  # latents are multiplied by this before the DiT sees them
     refine_channels: int = 0  # width of the full-resolution pixel refiner after the decoder (0 = none)
+    # encoder level at which the tc frames of a latent frame merge: 0 stacks them at the input; L > 0 runs
+    # levels < L on every frame apart, so each frame's mouth is seen in full before the pair is compressed.
+    # The encoder runs only on the portrait when streaming, so a later merge costs training time, not speed.
+    encoder_merge_level: int = 0
 
     def __post_init__(self):
         self.channels = tuple(self.channels)
@@ -35,6 +39,9 @@ class VAEConfig:
         if len(self.channels) != int(math.log2(levels)) + 1:
             raise ValueError(f"VAE channels {self.channels} need {int(math.log2(levels)) + 1} levels for "
                              f"spatial_compression {self.spatial_compression} / patch {self.patch_size}")
+        if not 0 <= self.encoder_merge_level < len(self.channels):
+            raise ValueError(f"encoder_merge_level {self.encoder_merge_level} must be a level of the encoder, "
+                             f"0..{len(self.channels) - 1}")
 
 
 @dataclass

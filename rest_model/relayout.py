@@ -14,6 +14,11 @@ source stands:
   each new window position takes the source's embedding for the same frame offset from the latent
   frame's start (clamped at the ends). Nothing else in the DiT depends on tc.
 Everything else is copied as is; fine-tuning then teaches the model the motion inside the new groups.
+
+`later_encoder_merge` carries a VAE over to an encoder that merges the frames of a latent frame at a later
+level (VAEConfig.encoder_merge_level) the same way: the layer that merged them now sees one frame, with its
+per-frame weights summed, and the layer that merges them now takes the mean of its frames, so again a still
+video gives exactly the source's latent and the decoder and any DiT trained on its latents still fit.
 """
 from __future__ import annotations
 
@@ -42,13 +47,17 @@ def _same_apart_from(a, b, **ignored) -> bool:
 
 def relayout_vae(src: CausalVAE, cfg: VAEConfig) -> CausalVAE:
     """A VAE of config `cfg` carrying `src`'s weights; `cfg` may differ from src's only in tc."""
-    if not _same_apart_from(src.cfg, cfg, temporal_compression=0, scaling_factor=1.0):
+    if src.cfg.encoder_merge_level:
+        raise ValueError("a VAE whose encoder merges frames late cannot be carried to another temporal "
+                         "compression; carry one that merges them at the input and move its merge after")
+    if not _same_apart_from(src.cfg, cfg, temporal_compression=0, scaling_factor=1.0, encoder_merge_level=0):
         raise ValueError("only the temporal compression can be carried over; the VAEs differ in more "
                          f"({to_json(src.cfg)} vs {to_json(cfg)})")
     if src.cfg.refine_channels:
         raise ValueError("a VAE with a pixel refiner cannot be carried to another temporal compression: "
                          "carry it over without one (train-vae --refine-channels 0) and add it after")
-    cfg = dataclasses.replace(cfg, scaling_factor=src.cfg.scaling_factor)  # the latent space is carried too
+    # the latent space is carried too; the merge level stays the source's (later_encoder_merge moves it)
+    cfg = dataclasses.replace(cfg, scaling_factor=src.cfg.scaling_factor, encoder_merge_level=0)
     r, merge = _frame_ratio(src.cfg.temporal_compression, cfg.temporal_compression)
     p = cfg.patch_size
     state = dict(src.state_dict())
@@ -70,6 +79,29 @@ def relayout_vae(src: CausalVAE, cfg: VAEConfig) -> CausalVAE:
         else:
             w = slots(w, f"(c pt ph pw) {tail}", f"(c pt r ph pw) {tail}", repeat, r=r)
         state[name] = w
+    vae = CausalVAE(cfg)
+    vae.load_state_dict(state)
+    return vae.to(next(src.parameters()).device)
+
+
+def later_encoder_merge(src: CausalVAE, level: int) -> CausalVAE:
+    """`src` with its encoder merging the tc frames of a latent frame at encoder level `level` (later than
+    src's): levels before it then run on every frame apart, so fine-tuning can teach the encoder to keep
+    each frame's mouth; on a still video the latent is exactly src's."""
+    old, tc = src.cfg.encoder_merge_level, src.cfg.temporal_compression
+    cfg = dataclasses.replace(src.cfg, encoder_merge_level=level)  # checks the level exists
+    if level <= old:
+        raise ValueError(f"the encoder's frames can only be merged later than now (level {old}), not at {level}")
+    state = dict(src.state_dict())
+    if old == 0:  # the input conv now sees one frame: a sum over the frames it stacked stays a sum
+        name = "encoder.conv_in.conv.weight"
+        state[name] = reduce(state[name], "o (c pt ph pw) k y x -> o (c ph pw) k y x", "sum",
+                             pt=tc, c=3, ph=cfg.patch_size, pw=cfg.patch_size)
+    else:
+        name = f"encoder.levels.{old - 1}.down.proj.weight"
+        state[name] = reduce(state[name], "o (c pt p q) k y x -> o (c p q) k y x", "sum", pt=tc, p=2, q=2)
+    name = f"encoder.levels.{level - 1}.down.proj.weight"  # the merging downsample: the mean of its frames
+    state[name] = repeat(state[name], "o (c p q) k y x -> o (c pt p q) k y x", pt=tc, p=2, q=2) / tc
     vae = CausalVAE(cfg)
     vae.load_state_dict(state)
     return vae.to(next(src.parameters()).device)

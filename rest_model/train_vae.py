@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from . import checkpoint, distributed
 from .config import preset
-from .relayout import relayout_vae
+from .relayout import later_encoder_merge, relayout_vae
 from .training import (add_common_args, clip_frames, export_model, loop_config, region_weights, sample_batch,
                        train_loop, training_data, weighted_mean)
 from .vae import CausalPad, CausalVAE, with_refiner
@@ -125,6 +125,7 @@ def cmd_train_vae(args) -> int:
     torch.manual_seed(args.seed)  # fresh weights (VAE, discriminator) are the seed's, the same in every process
     p = preset(args.preset)
     data = training_data(args.data, p.dit, clip_frames(p.dit, args.chunks))
+    merge = args.encoder_merge_level
     if args.init:
         vae = checkpoint.load_vae(args.init, args.device)
         if vae.cfg.temporal_compression != p.vae.temporal_compression:
@@ -136,9 +137,18 @@ def cmd_train_vae(args) -> int:
             raise ValueError(f"--init {args.init} is not a {args.preset} VAE")
         if args.refine_channels is not None and args.refine_channels != vae.cfg.refine_channels:
             vae = with_refiner(vae, args.refine_channels)
+        if merge is None:  # the init's own merge, or the preset's if that is later
+            merge = max(vae.cfg.encoder_merge_level, p.vae.encoder_merge_level)
+        if merge != vae.cfg.encoder_merge_level:
+            if args.decoder_only:
+                raise ValueError("--decoder-only freezes the encoder, so it cannot learn a later frame merge "
+                                 f"(--encoder-merge-level {merge}); fine-tune the encoder too")
+            vae = later_encoder_merge(vae, merge)
         vae.requires_grad_(True)
     else:
-        cfg = p.vae if args.refine_channels is None else dataclasses.replace(p.vae, refine_channels=args.refine_channels)
+        cfg = p.vae if merge is None else dataclasses.replace(p.vae, encoder_merge_level=merge)
+        if args.refine_channels is not None:
+            cfg = dataclasses.replace(cfg, refine_channels=args.refine_channels)
         vae = CausalVAE(cfg).to(args.device)
     if args.decoder_only:
         if not args.init:
@@ -175,6 +185,9 @@ def register(sub):
     p.add_argument("--refine-channels", type=int, default=None, help="width of the decoder's full-resolution "
                    "pixel refiner (default: --init's, or the preset's; 0 = none); added to an --init VAE it starts "
                    "at zero, so --decoder-only can sharpen the frames of a VAE a DiT was trained on")
+    p.add_argument("--encoder-merge-level", type=int, default=None, help="encoder level at which the frames of "
+                   "a latent frame merge (0 = stacked at the input; default: --init's, or the preset's): a later "
+                   "merge lets the encoder see each frame's mouth apart; an --init VAE is carried over (relayout.py)")
     p.add_argument("--adv-weight", type=float, default=0.0, help="hinge GAN weight (0 = off)")
     p.add_argument("--face-weight", type=float, default=0.0, help="extra L1 weight on the face box (0 = off)")
     p.add_argument("--mouth-weight", type=float, default=0.0, help="extra L1 weight on the mouth region (0 = off)")

@@ -78,14 +78,16 @@ class ResBlock(nn.Module):
 
 
 class Down(nn.Module):
-    """2x spatial downsample: space-to-depth then a 1x1 conv (cheap, exact, no temporal mixing)."""
+    """2x spatial downsample: space-to-depth then a 1x1 conv (cheap, exact). With `frames` > 1 it also
+    merges that many consecutive frames into one, stacked as channels (the encoder's late temporal merge)."""
 
-    def __init__(self, cin, cout):
+    def __init__(self, cin, cout, frames: int = 1):
         super().__init__()
-        self.proj = nn.Conv3d(cin * 4, cout, 1)
+        self.frames = frames
+        self.proj = nn.Conv3d(cin * 4 * frames, cout, 1)
 
     def forward(self, x):
-        return self.proj(rearrange(x, "b c t (h p) (w q) -> b (c p q) t h w", p=2, q=2))
+        return self.proj(rearrange(x, "b c (t pt) (h p) (w q) -> b (c pt p q) t h w", p=2, q=2, pt=self.frames))
 
 
 class Up(nn.Module):
@@ -101,21 +103,26 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.cfg = cfg
-        ch, kt = cfg.channels, cfg.temporal_kernel
-        cin = 3 * cfg.patch_size ** 2 * cfg.temporal_compression
-        self.conv_in = CausalConv3d(cin, ch[0], kt)
+        ch, kt, merge = cfg.channels, cfg.temporal_kernel, cfg.encoder_merge_level
+        self.conv_in = CausalConv3d(3 * cfg.patch_size ** 2 * self.input_frames, ch[0], kt)
         self.levels = nn.ModuleList()
         for i, c in enumerate(ch):
             blocks = nn.ModuleList(ResBlock(c, c, kt) for _ in range(cfg.blocks_per_level))
-            down = Down(c, ch[i + 1]) if i + 1 < len(ch) else nn.Identity()
+            frames = cfg.temporal_compression if i + 1 == merge else 1
+            down = Down(c, ch[i + 1], frames) if i + 1 < len(ch) else nn.Identity()
             self.levels.append(nn.ModuleDict(dict(blocks=blocks, down=down)))
         self.norm_out = nn.GroupNorm(_groups(ch[-1]), ch[-1])
         self.conv_out = nn.Conv3d(ch[-1], 2 * cfg.latent_channels, 1)
 
+    @property
+    def input_frames(self) -> int:
+        """Frames stacked as channels at the input: all tc of a latent frame, or 1 with a late merge."""
+        return 1 if self.cfg.encoder_merge_level else self.cfg.temporal_compression
+
     def forward(self, video):  # (B, 3, T, H, W) -> (B, 2Cz, t, h, w)
         c = self.cfg
         x = rearrange(video, "b c (t pt) (h ph) (w pw) -> b (c pt ph pw) t h w",
-                      pt=c.temporal_compression, ph=c.patch_size, pw=c.patch_size)
+                      pt=self.input_frames, ph=c.patch_size, pw=c.patch_size)
         pad = CausalPad()
         x = self.conv_in(x, pad)
         for level in self.levels:

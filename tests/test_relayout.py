@@ -7,7 +7,7 @@ import torch
 from rest_model import checkpoint
 from rest_model.cli import main, random_model
 from rest_model.config import preset
-from rest_model.relayout import relayout_dit, relayout_vae, window_offsets
+from rest_model.relayout import later_encoder_merge, relayout_dit, relayout_vae, window_offsets
 from rest_model.vae import with_refiner
 from test_training import _tiny_dataset
 
@@ -102,3 +102,65 @@ def test_train_stages_carry_a_model_of_another_temporal_compression(tmp_path, ca
     checkpoint.save(CausalVAE(wide), tmp_path / "w8.safetensors")
     assert main(["train-vae", *common, "--out", str(tmp_path / "w"), "--init", str(tmp_path / "w8.safetensors")]) == 2
     assert "w8.safetensors is not a tiny VAE: only the temporal compression" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", [(1,), (2,), (1, 2)])
+@torch.no_grad()
+def test_later_encoder_merge_keeps_the_latent_of_a_still_video(path):
+    """Merging a latent frame's frames at encoder level 1 or 2 instead of at the input (or 1 then 2): on a
+    still video the latent is the source's exactly, so its decoder and DiT still fit; on moving video the
+    encoder now sees each frame apart, so the latents differ."""
+    src, _ = random_model("demo", seed=3)
+    dst = src
+    for level in path:
+        dst = later_encoder_merge(dst, level)
+    assert dst.cfg.encoder_merge_level == path[-1] and dst.cfg.scaling_factor == src.cfg.scaling_factor
+    assert dst.encoder.conv_in.conv.in_channels == 3 * src.cfg.patch_size ** 2  # one frame at the input
+    g = torch.Generator().manual_seed(4)
+    still = (torch.rand(1, 3, 1, 128, 128, generator=g) * 2 - 1).expand(-1, -1, 6, -1, -1)
+    assert torch.allclose(dst.encode(still), src.encode(still), atol=1e-4)
+    moving = torch.rand(1, 3, 6, 128, 128, generator=g) * 2 - 1
+    assert not torch.allclose(dst.encode(moving), src.encode(moving), atol=1e-3)
+
+
+@torch.no_grad()
+def test_late_merge_encoder_is_causal_per_latent_frame():
+    """A latent frame depends on its own frames and earlier ones only, as with the merge at the input."""
+    vae = later_encoder_merge(random_model("tiny", seed=5)[0], 1)
+    g = torch.Generator().manual_seed(6)
+    video = torch.rand(1, 3, 12, 32, 32, generator=g) * 2 - 1
+    changed = video.clone()
+    changed[:, :, 8:] = torch.rand(1, 3, 4, 32, 32, generator=g) * 2 - 1  # latent frames 2 on (tc 4)
+    a, b = vae.encode(video), vae.encode(changed)
+    assert torch.allclose(a[:, :, :2], b[:, :, :2], atol=1e-6)
+    assert not torch.allclose(a[:, :, 2:], b[:, :, 2:], atol=1e-3)
+
+
+def test_encoder_merge_can_only_move_later_to_a_real_level():
+    src, _ = random_model("tiny")
+    late = later_encoder_merge(src, 1)
+    with pytest.raises(ValueError, match="only be merged later than now"):
+        later_encoder_merge(late, 1)
+    with pytest.raises(ValueError, match="encoder_merge_level 3 must be a level of the encoder"):
+        later_encoder_merge(src, 3)
+    with pytest.raises(ValueError, match="merges frames late cannot be carried"):
+        relayout_vae(late, dataclasses.replace(late.cfg, temporal_compression=2))
+
+
+def test_train_vae_moves_the_encoder_merge_and_saves_it(tmp_path, capsys):
+    """`train-vae --init F --encoder-merge-level 1` carries F over and trains; the file keeps the late
+    merge, a later --init of it keeps it, and --decoder-only refuses to move it."""
+    data = _tiny_dataset(tmp_path / "data")
+    src, _ = random_model("tiny", seed=7)
+    checkpoint.save(src, tmp_path / "src.safetensors")
+    common = ["--data", str(data), "--preset", "tiny", "--batch", "1", "--chunks", "1", "--save-every", "100"]
+    assert main(["train-vae", *common, "--out", str(tmp_path / "a"), "--steps", "2", "--init",
+                 str(tmp_path / "src.safetensors"), "--encoder-merge-level", "1"]) == 0
+    late = checkpoint.load_vae(tmp_path / "a" / "rest_vae.safetensors", "cpu")
+    assert late.cfg.encoder_merge_level == 1
+    assert main(["train-vae", *common, "--out", str(tmp_path / "b"), "--steps", "1", "--init",
+                 str(tmp_path / "a" / "rest_vae.safetensors")]) == 0
+    assert checkpoint.load_vae(tmp_path / "b" / "rest_vae.safetensors", "cpu").cfg.encoder_merge_level == 1
+    assert main(["train-vae", *common, "--out", str(tmp_path / "c"), "--steps", "1", "--init",
+                 str(tmp_path / "src.safetensors"), "--encoder-merge-level", "1", "--decoder-only"]) == 2
+    assert "cannot learn a later frame merge (--encoder-merge-level 1)" in capsys.readouterr().err
