@@ -130,3 +130,15 @@ def test_the_bundled_demo_model_is_a_loadable_pair_within_budget():
     vae, dit = checkpoint.load_pair(DEMO_VAE, DEMO_DIT)
     assert dit.cfg.resolution == 128 and dit.cfg.fps == 25 and dit.cfg.stream.steps == 2
     assert next(dit.parameters()).dtype == torch.float32  # stored float16, run float32
+
+
+def test_the_bundled_demo_model_has_the_demo_presets_layout():
+    """scripts/train_demo.sh trains with --preset demo and the CLI builds fresh demo models from the preset: a
+    shipped file of another layout (e.g. a VAE merging its frames at another encoder level) means the two drifted."""
+    import dataclasses
+    from rest_model.cli import DEMO_DIT, DEMO_VAE
+    from rest_model.config import preset
+    vae, dit = checkpoint.load_pair(DEMO_VAE, DEMO_DIT)
+    p = preset("demo")
+    assert dataclasses.replace(vae.cfg, scaling_factor=p.vae.scaling_factor) == p.vae
+    assert dit.cfg == p.dit
