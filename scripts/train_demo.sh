@@ -32,8 +32,10 @@ for f in rest_vae_demo rest_dit_demo; do
     [ -s "$RUN/phase2/$f.safetensors" ] || git show "$PHASE2:models/demo/$f.safetensors" > "$RUN/phase2/$f.safetensors" \
         || { echo "phase 2 needs this repository's git history (commit $PHASE2): clone it, do not export it" >&2; exit 1; }
 done
+# --speech espeak, not the default auto: without espeak-ng, auto falls back to babble speech and silently
+# makes another dataset (another held-out set too, so eval's figures are no longer README's)
 [ -f "$RUN/synth/.done" ] || { $PY -m rest_model synth --out "$RUN/synth" --n 400 --seconds 6 --identities 100 \
-    --seed 0 && touch "$RUN/synth/.done"; }
+    --seed 0 --speech espeak && touch "$RUN/synth/.done"; }
 [ -f "$RUN/data/index.json" ] || $PY -m rest_model prepare --videos "$RUN/synth" --out "$RUN/data" --preset demo
 CKPT="$RUN/phase3"
 common=(--data "$RUN/data" --out "$CKPT" --preset demo --save-every 100)
