@@ -206,3 +206,15 @@ def test_skin_detector_finds_centred_faces_and_not_walls():
     wall = np.full((128, 128, 3), (220, 170, 140), np.uint8)  # skin-coloured, fills the frame
     assert SkinDetector()(wall) == []
     assert SkinDetector()(np.zeros((64, 64, 3), np.uint8)) == []
+
+
+def test_synth_without_espeak_refuses_espeak_and_says_when_auto_falls_back(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(synth, "have_espeak", lambda: False)
+    with pytest.raises(ValueError, match="espeak-ng is not installed"):
+        synth.synthesize(str(tmp_path / "e"), 1, 0.6, 64, speech="espeak", jobs=1)
+    assert not (tmp_path / "e").exists()  # refused before writing anything
+    assert main(["synth", "--out", str(tmp_path / "a"), "--n", "1", "--seconds", "0.6", "--size", "64",
+                 "--jobs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "espeak-ng is not installed" in err and "babble" in err
+    assert json.loads(next((tmp_path / "a").glob("*.json")).read_text())["voice"].startswith("babble")
