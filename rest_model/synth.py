@@ -747,13 +747,13 @@ def synthesize(out_dir: str, n: int, seconds: float = 5.0, size: int = 128, seed
 
 def cmd_synth(args) -> int:
     t0 = time.perf_counter()
-    if args.speech == "auto" and not have_espeak():
+    speech = args.speech if args.speech != "auto" else ("espeak" if have_espeak() else "babble")
+    if args.speech == "auto" and speech == "babble":
         # the two voices make different datasets (and held-out sets): a silent fallback makes figures irreproducible
         print("synth: espeak-ng is not installed (apt-get install espeak-ng), so the clips get babble speech; "
               "pass --speech babble to choose it, --speech espeak to require espeak-ng", file=sys.stderr)
-    names = synthesize(args.out, args.n, args.seconds, args.size, args.seed, args.identities, args.speech,
+    names = synthesize(args.out, args.n, args.seconds, args.size, args.seed, args.identities, speech,
                        args.jobs, progress=True)
-    speech = args.speech if args.speech != "auto" else ("espeak" if have_espeak() else "babble")
     print(f"wrote {len(names)} clips ({args.seconds:g} s, {args.size}x{args.size}, {FPS} fps, speech: {speech}) "
           f"to {args.out} in {time.perf_counter() - t0:.1f} s")
     return 0
