@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# How the shipped demo model (models/demo/) was made: procedural faces -> the four REST stages on CPU, in three
+# How the shipped demo model (models/demo/) was made: procedural faces -> the four REST stages on CPU, in four
 # phases.
 #  1. A demo model with 4 video frames per latent frame: the one shipped at commit 584f457, made by that
 #     commit's scripts/train_demo.sh (VAE 8,000 steps, teacher 6,000, student init 300, ASD 200; about 3.5 hours
@@ -12,38 +12,43 @@
 #  3. Fine-tuned once more, with extra VAE loss on the pixels that change from frame to frame
 #     (--change-weight): VAE 2,000 steps from phase 2's VAE, teacher 2,000 from phase 2's ASD student (a
 #     causal DiT of the same shape: only the attention mask differs), student init 300, ASD 200 with audio
-#     guidance 4 (about 1.3 hours on 2 CPU cores). This script runs phase 3; it takes phase 2's files from
-#     git history instead of training phases 1 and 2 again.
+#     guidance 4 (about 1.3 hours on 2 CPU cores): the one shipped at commit 77006b7.
+#  4. The VAE encoder keeps two frames apart for two levels instead of merging them at its input
+#     (--encoder-merge-level 2), so the latent carries more of the mouth's motion between the two frames of a
+#     latent frame: VAE 1,000 steps from phase 3's VAE, teacher 2,000 from phase 3's ASD student, student init
+#     300, ASD 200 with audio guidance 4 (about 1.4 hours on 2 CPU cores). This script runs phase 4; it takes
+#     phase 3's files from git history instead of training phases 1 to 3 again.
 # Every stage spends extra loss weight on the mouth region (--mouth-weight): lip-sync lives in a few pixels
 # (VAE) and a few latent cells (DiT stages) that an unweighted loss leaves for last.
-# Every stage resumes from its last snapshot, so re-running this after an interruption continues. Phase 3 writes
-# to RUN_DIR/phase3, not the ckpt/ folder earlier versions of this script used, so a finished phase-2 run there
-# is never resumed as if it were phase 3.
+# Every stage resumes from its last snapshot, so re-running this after an interruption continues. Phase 4 writes
+# to RUN_DIR/phase4, not the folders earlier versions of this script used, so a finished earlier phase there is
+# never resumed as if it were phase 4.
 #   bash scripts/train_demo.sh [RUN_DIR]      (default runs/demo)
 # Step counts can be overridden: VAE_STEPS, TEACHER_STEPS, STUDENT_STEPS, ASD_STEPS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/demo}
 PY=.venv/bin/python
-PHASE2=9756bca
+PHASE3=77006b7
 bash scripts/setup_env.sh
-mkdir -p "$RUN/phase2"
+mkdir -p "$RUN/phase3-shipped"
 for f in rest_vae_demo rest_dit_demo; do
-    [ -s "$RUN/phase2/$f.safetensors" ] || git show "$PHASE2:models/demo/$f.safetensors" > "$RUN/phase2/$f.safetensors" \
-        || { echo "phase 2 needs this repository's git history (commit $PHASE2): clone it, do not export it" >&2; exit 1; }
+    [ -s "$RUN/phase3-shipped/$f.safetensors" ] || git show "$PHASE3:models/demo/$f.safetensors" > "$RUN/phase3-shipped/$f.safetensors" \
+        || { echo "phase 4 needs this repository's git history (commit $PHASE3): clone it, do not export it" >&2; exit 1; }
 done
 # --speech espeak, not the default auto: without espeak-ng, auto falls back to babble speech and silently
 # makes another dataset (another held-out set too, so eval's figures are no longer README's)
 [ -f "$RUN/synth/.done" ] || { $PY -m rest_model synth --out "$RUN/synth" --n 400 --seconds 6 --identities 100 \
     --seed 0 --speech espeak && touch "$RUN/synth/.done"; }
 [ -f "$RUN/data/index.json" ] || $PY -m rest_model prepare --videos "$RUN/synth" --out "$RUN/data" --preset demo
-CKPT="$RUN/phase3"
+CKPT="$RUN/phase4"
 common=(--data "$RUN/data" --out "$CKPT" --preset demo --save-every 100)
 dit=(--mouth-weight 6)
-$PY -m rest_model train-vae "${common[@]}" --init "$RUN/phase2/rest_vae_demo.safetensors" \
-    --steps "${VAE_STEPS:-2000}" --batch 4 --chunks 4 --lr 3e-4 --face-weight 1 --mouth-weight 6 --change-weight 4
+$PY -m rest_model train-vae "${common[@]}" --init "$RUN/phase3-shipped/rest_vae_demo.safetensors" \
+    --encoder-merge-level 2 --steps "${VAE_STEPS:-1000}" --batch 4 --chunks 4 --lr 3e-4 --face-weight 1 --mouth-weight 6 \
+    --change-weight 4
 VAE="$CKPT/rest_vae.safetensors"
-$PY -m rest_model train-teacher "${common[@]}" "${dit[@]}" --vae "$VAE" --init "$RUN/phase2/rest_dit_demo.safetensors" \
+$PY -m rest_model train-teacher "${common[@]}" "${dit[@]}" --vae "$VAE" --init "$RUN/phase3-shipped/rest_dit_demo.safetensors" \
     --steps "${TEACHER_STEPS:-2000}" --batch 4 --chunks 3 --lr 2e-4
 $PY -m rest_model init-student "${common[@]}" "${dit[@]}" --vae "$VAE" --teacher "$CKPT/teacher.safetensors" \
     --steps "${STUDENT_STEPS:-300}" --batch 4 --chunks 3 --lr 2e-4
