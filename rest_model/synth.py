@@ -84,6 +84,11 @@ def have_espeak() -> bool:
     return shutil.which("espeak-ng") is not None
 
 
+def resolve_speech(speech: str) -> str:
+    """--speech auto -> the voice it means on this machine: espeak where espeak-ng is installed, else babble."""
+    return speech if speech != "auto" else ("espeak" if have_espeak() else "babble")
+
+
 def random_text(rng: np.random.Generator, n_words: int) -> str:
     out, left = [], n_words
     while left > 0:
@@ -734,8 +739,7 @@ def synthesize(out_dir: str, n: int, seconds: float = 5.0, size: int = 128, seed
     identities = identities or max(1, n // 4)
     if identities < 1:
         raise ValueError(f"--identities must be at least 1, got {identities}")
-    if speech == "auto":
-        speech = "espeak" if have_espeak() else "babble"
+    speech = resolve_speech(speech)
     if speech == "espeak" and not have_espeak():
         raise ValueError("--speech espeak: espeak-ng is not installed (apt-get install espeak-ng), use babble")
     if speech not in ("espeak", "babble"):
@@ -747,7 +751,7 @@ def synthesize(out_dir: str, n: int, seconds: float = 5.0, size: int = 128, seed
 
 def cmd_synth(args) -> int:
     t0 = time.perf_counter()
-    speech = args.speech if args.speech != "auto" else ("espeak" if have_espeak() else "babble")
+    speech = resolve_speech(args.speech)
     if args.speech == "auto" and speech == "babble":
         # the two voices make different datasets (and held-out sets): a silent fallback makes figures irreproducible
         print("synth: espeak-ng is not installed (apt-get install espeak-ng), so the clips get babble speech; "
