@@ -31,10 +31,12 @@ RUN=${1:-runs/demo}
 PY=.venv/bin/python
 PHASE3=77006b7
 bash scripts/setup_env.sh
-mkdir -p "$RUN/phase3-shipped"
+PREV="$RUN/phase3-shipped"
+mkdir -p "$PREV"
 for f in rest_vae_demo rest_dit_demo; do
-    [ -s "$RUN/phase3-shipped/$f.safetensors" ] || git show "$PHASE3:models/demo/$f.safetensors" > "$RUN/phase3-shipped/$f.safetensors" \
-        || { echo "phase 4 needs this repository's git history (commit $PHASE3): clone it, do not export it" >&2; exit 1; }
+    [ -s "$PREV/$f.safetensors" ] || git show "$PHASE3:models/demo/$f.safetensors" > "$PREV/$f.safetensors" \
+        || { echo "phase 4 needs this repository's git history (commit $PHASE3): clone it, do not export it" >&2
+             exit 1; }
 done
 # --speech espeak, not the default auto: without espeak-ng, auto falls back to babble speech and silently
 # makes another dataset (another held-out set too, so eval's figures are no longer README's)
@@ -44,11 +46,11 @@ done
 CKPT="$RUN/phase4"
 common=(--data "$RUN/data" --out "$CKPT" --preset demo --save-every 100)
 dit=(--mouth-weight 6)
-$PY -m rest_model train-vae "${common[@]}" --init "$RUN/phase3-shipped/rest_vae_demo.safetensors" \
-    --encoder-merge-level 2 --steps "${VAE_STEPS:-1000}" --batch 4 --chunks 4 --lr 3e-4 --face-weight 1 --mouth-weight 6 \
-    --change-weight 4
+$PY -m rest_model train-vae "${common[@]}" --init "$PREV/rest_vae_demo.safetensors" \
+    --encoder-merge-level 2 --steps "${VAE_STEPS:-1000}" --batch 4 --chunks 4 --lr 3e-4 --face-weight 1 \
+    --mouth-weight 6 --change-weight 4
 VAE="$CKPT/rest_vae.safetensors"
-$PY -m rest_model train-teacher "${common[@]}" "${dit[@]}" --vae "$VAE" --init "$RUN/phase3-shipped/rest_dit_demo.safetensors" \
+$PY -m rest_model train-teacher "${common[@]}" "${dit[@]}" --vae "$VAE" --init "$PREV/rest_dit_demo.safetensors" \
     --steps "${TEACHER_STEPS:-2000}" --batch 4 --chunks 3 --lr 2e-4
 $PY -m rest_model init-student "${common[@]}" "${dit[@]}" --vae "$VAE" --teacher "$CKPT/teacher.safetensors" \
     --steps "${STUDENT_STEPS:-300}" --batch 4 --chunks 3 --lr 2e-4
