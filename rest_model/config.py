@@ -27,6 +27,11 @@ class VAEConfig:
     # levels < L on every frame apart, so each frame's mouth is seen in full before the pair is compressed.
     # The encoder runs only on the portrait when streaming, so a later merge costs training time, not speed.
     encoder_merge_level: int = 0
+    # the decoder's mirror of it: 0 writes the tc frames of a latent frame together from one set of features
+    # (its output conv); L > 0 splits the latent frame into its frames at the upsample into decoder level L
+    # (levels count from the latent's resolution), so levels >= L draw each frame's mouth from features of its
+    # own. It costs decode time, which streaming pays: the split levels run tc times.
+    decoder_split_level: int = 0
 
     def __post_init__(self):
         self.channels = tuple(self.channels)
@@ -42,6 +47,14 @@ class VAEConfig:
         if not 0 <= self.encoder_merge_level < len(self.channels):
             raise ValueError(f"encoder_merge_level {self.encoder_merge_level} must be a level of the encoder, "
                              f"0..{len(self.channels) - 1}")
+        if not 0 <= self.decoder_split_level < len(self.channels):
+            raise ValueError(f"decoder_split_level {self.decoder_split_level} must be a level of the decoder, "
+                             f"0..{len(self.channels) - 1}")
+
+    @property
+    def decoder_output_frames(self) -> int:
+        """Frames the decoder's output conv writes per time step: all tc of a latent frame, or 1 once split."""
+        return 1 if self.decoder_split_level else self.temporal_compression
 
 
 @dataclass

@@ -19,6 +19,13 @@ Everything else is copied as is; fine-tuning then teaches the model the motion i
 level (VAEConfig.encoder_merge_level) the same way: the layer that merged them now sees one frame, with its
 per-frame weights summed, and the layer that merges them now takes the mean of its frames, so again a still
 video gives exactly the source's latent and the decoder and any DiT trained on its latents still fit.
+
+`split_decoder` is the decoder's mirror: a decoder that wrote the tc frames of a latent frame together at its
+output conv is carried over to one that splits the latent frame at an earlier level (VAEConfig.
+decoder_split_level). The splitting upsample gives every frame the features the source had, and the output
+conv, now shared by the frames, takes the mean of the source's per-frame rows: a still latent then decodes to
+the mean of the source's frames of each latent frame. The encoder is untouched, so with `train-vae
+--decoder-only` the latents, and any DiT trained on them, stay exactly valid.
 """
 from __future__ import annotations
 
@@ -45,19 +52,30 @@ def _same_apart_from(a, b, **ignored) -> bool:
     return to_json(dataclasses.replace(a, **ignored)) == to_json(dataclasses.replace(b, **ignored))
 
 
+def _rows(w: torch.Tensor, rows_in: str, rows_out: str, fn, **sizes) -> torch.Tensor:
+    """Re-lay the output-channel axis of a conv weight or bias (whatever its other axes) with einops' `fn`."""
+    rest = " ".join(f"s{i}" for i in range(w.dim() - 1))
+    return fn(w, f"({rows_in}) {rest} -> ({rows_out}) {rest}", **sizes)
+
+
 def relayout_vae(src: CausalVAE, cfg: VAEConfig) -> CausalVAE:
     """A VAE of config `cfg` carrying `src`'s weights; `cfg` may differ from src's only in tc."""
     if src.cfg.encoder_merge_level:
         raise ValueError("a VAE whose encoder merges frames late cannot be carried to another temporal "
                          "compression; carry one that merges them at the input and move its merge after")
-    if not _same_apart_from(src.cfg, cfg, temporal_compression=0, scaling_factor=1.0, encoder_merge_level=0):
+    if src.cfg.decoder_split_level:
+        raise ValueError("a VAE whose decoder splits frames early cannot be carried to another temporal "
+                         "compression; carry one that writes them at its output and split it after")
+    if not _same_apart_from(src.cfg, cfg, temporal_compression=0, scaling_factor=1.0, encoder_merge_level=0,
+                            decoder_split_level=0):
         raise ValueError("only the temporal compression can be carried over; the VAEs differ in more "
                          f"({to_json(src.cfg)} vs {to_json(cfg)})")
     if src.cfg.refine_channels:
         raise ValueError("a VAE with a pixel refiner cannot be carried to another temporal compression: "
                          "carry it over without one (train-vae --refine-channels 0) and add it after")
     # the latent space is carried too; the merge level stays the source's (later_encoder_merge moves it)
-    cfg = dataclasses.replace(cfg, scaling_factor=src.cfg.scaling_factor, encoder_merge_level=0)
+    cfg = dataclasses.replace(cfg, scaling_factor=src.cfg.scaling_factor, encoder_merge_level=0,
+                              decoder_split_level=0)
     r, merge = _frame_ratio(src.cfg.temporal_compression, cfg.temporal_compression)
     p = cfg.patch_size
     state = dict(src.state_dict())
@@ -72,13 +90,10 @@ def relayout_vae(src: CausalVAE, cfg: VAEConfig) -> CausalVAE:
         w = slots(w, "o (c pt ph pw) k y x", "o (c pt r ph pw) k y x", repeat, r=r) / r
     state["encoder.conv_in.conv.weight"] = w
     for name in ("decoder.conv_out.weight", "decoder.conv_out.bias"):  # each output frame: the mean of its sources
-        w, extra = state[name], state[name].dim() - 1
-        tail = " ".join(f"s{i}" for i in range(extra))
         if merge:
-            w = slots(w, f"(c pt r ph pw) {tail}", f"(c pt ph pw) {tail}", reduce, reduction="mean", r=r)
+            state[name] = _rows(state[name], "c pt r ph pw", "c pt ph pw", reduce, reduction="mean", r=r, c=3, ph=p, pw=p)
         else:
-            w = slots(w, f"(c pt ph pw) {tail}", f"(c pt r ph pw) {tail}", repeat, r=r)
-        state[name] = w
+            state[name] = _rows(state[name], "c pt ph pw", "c pt r ph pw", repeat, r=r, c=3, ph=p, pw=p)
     vae = CausalVAE(cfg)
     vae.load_state_dict(state)
     return vae.to(next(src.parameters()).device)
@@ -102,6 +117,33 @@ def later_encoder_merge(src: CausalVAE, level: int) -> CausalVAE:
         state[name] = reduce(state[name], "o (c pt p q) k y x -> o (c p q) k y x", "sum", pt=tc, p=2, q=2)
     name = f"encoder.levels.{level - 1}.down.proj.weight"  # the merging downsample: the mean of its frames
     state[name] = repeat(state[name], "o (c p q) k y x -> o (c pt p q) k y x", pt=tc, p=2, q=2) / tc
+    vae = CausalVAE(cfg)
+    vae.load_state_dict(state)
+    return vae.to(next(src.parameters()).device)
+
+
+def split_decoder(src: CausalVAE, level: int) -> CausalVAE:
+    """`src` with its decoder splitting each latent frame into its tc frames at the upsample into decoder level
+    `level`; src's decoder must write them together at its output. Levels from `level` on then run on every
+    frame apart, so fine-tuning can teach them to draw each frame's mouth; a still latent decodes to the mean
+    of src's frames of each latent frame, and the encoder (the latents) is src's exactly."""
+    if src.cfg.decoder_split_level:
+        raise ValueError(f"the decoder already splits its frames (at level {src.cfg.decoder_split_level}); only "
+                         "a decoder that writes them together at its output can be carried to a split")
+    if level == 0:
+        raise ValueError("decoder_split_level 0 is the source's own layout (frames written together at the output)")
+    if src.cfg.refine_channels:
+        raise ValueError("a VAE with a pixel refiner cannot be carried to a decoder split: carry it over without "
+                         "one (train-vae --refine-channels 0) and add it after")
+    tc = src.cfg.temporal_compression
+    cfg = dataclasses.replace(src.cfg, decoder_split_level=level)  # checks the level exists
+    state = dict(src.state_dict())
+    p = cfg.patch_size
+    for name in ("decoder.conv_out.weight", "decoder.conv_out.bias"):  # shared by the frames: their mean row
+        state[name] = _rows(state[name], "c pt ph pw", "c ph pw", reduce, reduction="mean", pt=tc, c=3, ph=p, pw=p)
+    for name in (f"decoder.levels.{level - 1}.up.proj.weight", f"decoder.levels.{level - 1}.up.proj.bias"):
+        # the splitting upsample: every frame starts from the source's features
+        state[name] = _rows(state[name], "c p q", "c pt p q", repeat, pt=tc, p=2, q=2)
     vae = CausalVAE(cfg)
     vae.load_state_dict(state)
     return vae.to(next(src.parameters()).device)

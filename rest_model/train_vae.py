@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from . import checkpoint, distributed
 from .config import preset
-from .relayout import later_encoder_merge, relayout_vae
+from .relayout import later_encoder_merge, relayout_vae, split_decoder
 from .training import (add_common_args, clip_frames, export_model, loop_config, region_weights, sample_batch,
                        train_loop, training_data, weighted_mean)
 from .vae import CausalPad, CausalVAE, with_refiner
@@ -125,7 +125,7 @@ def cmd_train_vae(args) -> int:
     torch.manual_seed(args.seed)  # fresh weights (VAE, discriminator) are the seed's, the same in every process
     p = preset(args.preset)
     data = training_data(args.data, p.dit, clip_frames(p.dit, args.chunks))
-    merge = args.encoder_merge_level
+    merge, split = args.encoder_merge_level, args.decoder_split_level
     if args.init:
         vae = checkpoint.load_vae(args.init, args.device)
         if vae.cfg.temporal_compression != p.vae.temporal_compression:
@@ -144,9 +144,15 @@ def cmd_train_vae(args) -> int:
                 raise ValueError("--decoder-only freezes the encoder, so it cannot learn a later frame merge "
                                  f"(--encoder-merge-level {merge}); fine-tune the encoder too")
             vae = later_encoder_merge(vae, merge)
+        if split is None:  # the init's own split, or the preset's if the init has none
+            split = vae.cfg.decoder_split_level or p.vae.decoder_split_level
+        if split != vae.cfg.decoder_split_level:
+            vae = split_decoder(vae, split)
         vae.requires_grad_(True)
     else:
         cfg = p.vae if merge is None else dataclasses.replace(p.vae, encoder_merge_level=merge)
+        if split is not None:
+            cfg = dataclasses.replace(cfg, decoder_split_level=split)
         if args.refine_channels is not None:
             cfg = dataclasses.replace(cfg, refine_channels=args.refine_channels)
         vae = CausalVAE(cfg).to(args.device)
@@ -188,6 +194,10 @@ def register(sub):
     p.add_argument("--encoder-merge-level", type=int, default=None, help="encoder level at which the frames of "
                    "a latent frame merge (0 = stacked at the input; default: --init's, or the preset's): a later "
                    "merge lets the encoder see each frame's mouth apart; an --init VAE is carried over (relayout.py)")
+    p.add_argument("--decoder-split-level", type=int, default=None, help="decoder level at which a latent frame "
+                   "splits into its frames (0 = written together by the output conv; default: --init's, or the "
+                   "preset's): the levels from it on draw each frame apart; an --init VAE is carried over "
+                   "(relayout.py), and with --decoder-only its latents stay valid for a DiT trained on them")
     p.add_argument("--adv-weight", type=float, default=0.0, help="hinge GAN weight (0 = off)")
     p.add_argument("--face-weight", type=float, default=0.0, help="extra L1 weight on the face box (0 = off)")
     p.add_argument("--mouth-weight", type=float, default=0.0, help="extra L1 weight on the mouth region (0 = off)")

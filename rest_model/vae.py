@@ -91,12 +91,16 @@ class Down(nn.Module):
 
 
 class Up(nn.Module):
-    def __init__(self, cin, cout):
+    """2x spatial upsample: a 1x1 conv then depth-to-space. With `frames` > 1 it also splits every frame into
+    that many consecutive ones (the decoder's split of a latent frame, the mirror of Down's merge)."""
+
+    def __init__(self, cin, cout, frames: int = 1):
         super().__init__()
-        self.proj = nn.Conv3d(cin, cout * 4, 1)
+        self.frames = frames
+        self.proj = nn.Conv3d(cin, cout * 4 * frames, 1)
 
     def forward(self, x):
-        return rearrange(self.proj(x), "b (c p q) t h w -> b c t (h p) (w q)", p=2, q=2)
+        return rearrange(self.proj(x), "b (c pt p q) t h w -> b c (t pt) (h p) (w q)", p=2, q=2, pt=self.frames)
 
 
 class Encoder(nn.Module):
@@ -133,9 +137,10 @@ class Encoder(nn.Module):
 
 
 def patch_unshuffle(x: torch.Tensor, cfg: VAEConfig) -> torch.Tensor:
-    """(B, C*tc*p*p, t, h, w) -> (B, C, t*tc, h*p, w*p): the decoder's per-patch channels back to frames."""
+    """(B, C*f*p*p, t, h, w) -> (B, C, t*f, h*p, w*p): the decoder's per-patch channels back to frames, f =
+    cfg.decoder_output_frames (tc, or 1 when the decoder split the latent frames before its output)."""
     return rearrange(x, "b (c pt ph pw) t h w -> b c (t pt) (h ph) (w pw)",
-                     pt=cfg.temporal_compression, ph=cfg.patch_size, pw=cfg.patch_size)
+                     pt=cfg.decoder_output_frames, ph=cfg.patch_size, pw=cfg.patch_size)
 
 
 class PixelRefiner(nn.Module):
@@ -152,7 +157,7 @@ class PixelRefiner(nn.Module):
         super().__init__()
         self.cfg = cfg
         c, k, p = cfg.refine_channels, cfg.refine_channels // 2, cfg.patch_size
-        self.hidden = nn.Conv3d(cin, k * p * p * cfg.temporal_compression, 1)
+        self.hidden = nn.Conv3d(cin, k * p * p * cfg.decoder_output_frames, 1)
         self.conv1 = nn.Conv2d(3 + k, c, 3, padding=1)
         self.conv2 = nn.Conv2d(c, c, 3, padding=1)
         self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
@@ -171,15 +176,16 @@ class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.cfg = cfg
-        ch, kt = cfg.channels[::-1], cfg.temporal_kernel
+        ch, kt, split = cfg.channels[::-1], cfg.temporal_kernel, cfg.decoder_split_level
         self.conv_in = CausalConv3d(cfg.latent_channels, ch[0], kt)
         self.levels = nn.ModuleList()
         for i, c in enumerate(ch):
             blocks = nn.ModuleList(ResBlock(c, c, kt) for _ in range(cfg.blocks_per_level))
-            up = Up(c, ch[i + 1]) if i + 1 < len(ch) else nn.Identity()
+            frames = cfg.temporal_compression if i + 1 == split else 1
+            up = Up(c, ch[i + 1], frames) if i + 1 < len(ch) else nn.Identity()
             self.levels.append(nn.ModuleDict(dict(blocks=blocks, up=up)))
         self.norm_out = nn.GroupNorm(_groups(ch[-1]), ch[-1])
-        self.conv_out = nn.Conv3d(ch[-1], 3 * cfg.patch_size ** 2 * cfg.temporal_compression, 1)
+        self.conv_out = nn.Conv3d(ch[-1], 3 * cfg.patch_size ** 2 * cfg.decoder_output_frames, 1)
         self.refine = PixelRefiner(cfg, ch[-1]) if cfg.refine_channels else None
 
     def forward(self, z, pad: CausalPad):  # (B, Cz, t, h, w) -> (B, 3, t*tc, H, W)

@@ -164,3 +164,70 @@ def test_train_vae_moves_the_encoder_merge_and_saves_it(tmp_path, capsys):
     assert main(["train-vae", *common, "--out", str(tmp_path / "c"), "--steps", "1", "--init",
                  str(tmp_path / "src.safetensors"), "--encoder-merge-level", "1", "--decoder-only"]) == 2
     assert "cannot learn a later frame merge (--encoder-merge-level 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("level", [1, 2])
+@torch.no_grad()
+def test_split_decoder_keeps_the_latents_and_decodes_a_still_latent_to_the_mean_of_its_frames(level):
+    """Carrying a decoder that writes a latent frame's frames together at its output over to one that splits
+    them at level 1 or 2: the encoder is the source's bit for bit (the latents a DiT was trained on stay
+    valid), a still latent decodes to the mean of the source's frames of each latent frame, and on a moving
+    latent the split levels now see each frame apart, so the decodes differ."""
+    from rest_model.config import VAEConfig
+    from rest_model.relayout import split_decoder
+    torch.manual_seed(10)
+    src = CausalVAE(VAEConfig(latent_channels=4, spatial_compression=16, temporal_compression=2, patch_size=4,
+                              channels=(8, 16, 16), encoder_merge_level=1, scaling_factor=0.9)).eval()
+    dst = split_decoder(src, level).eval()
+    assert dst.cfg.decoder_split_level == level and dst.cfg.scaling_factor == 0.9
+    for k, v in src.encoder.state_dict().items():
+        assert torch.equal(dst.encoder.state_dict()[k], v), k
+    g = torch.Generator().manual_seed(11)
+    still = torch.randn(1, 4, 1, 2, 2, generator=g).expand(-1, -1, 4, -1, -1)
+    a = src.decode(still)
+    pair_mean = a.unflatten(2, (4, 2)).mean(3, keepdim=True).expand(-1, -1, -1, 2, -1, -1).flatten(2, 3)
+    assert not torch.allclose(a, pair_mean, atol=1e-3)  # the source's two frames differ: the mean is a real test
+    torch.testing.assert_close(dst.decode(still), pair_mean, atol=1e-5, rtol=1e-5)
+    moving = torch.randn(1, 4, 4, 2, 2, generator=g)
+    src_mean = src.decode(moving).unflatten(2, (4, 2)).mean(3)
+    assert not torch.allclose(dst.decode(moving).unflatten(2, (4, 2)).mean(3), src_mean, atol=1e-3)
+
+
+def test_split_decoder_refuses_what_it_cannot_carry():
+    from rest_model.relayout import split_decoder
+    src, _ = random_model("tiny")
+    split = split_decoder(src, 1)
+    with pytest.raises(ValueError, match="already splits its frames"):
+        split_decoder(split, 1)
+    with pytest.raises(ValueError, match="decoder_split_level 0 is the source's own layout"):
+        split_decoder(src, 0)
+    with pytest.raises(ValueError, match="decoder_split_level 2 must be a level of the decoder"):
+        split_decoder(src, 2)
+    with pytest.raises(ValueError, match="pixel refiner cannot be carried to a decoder split"):
+        split_decoder(with_refiner(src, 4), 1)
+    with pytest.raises(ValueError, match="decoder splits frames early cannot be carried"):
+        relayout_vae(split, dataclasses.replace(split.cfg, temporal_compression=2))
+
+
+def test_train_vae_decoder_only_splits_the_decoder_and_keeps_the_latents(tmp_path):
+    """`train-vae --init F --decoder-split-level 1 --decoder-only` carries F's decoder over to the split and
+    trains it alone: the saved file keeps the split, F's encoder and latent scale bit for bit (a DiT trained
+    on F's latents still fits), and a later --init of it keeps the split."""
+    data = _tiny_dataset(tmp_path / "data")
+    src, _ = random_model("tiny", seed=12)
+    src.cfg.scaling_factor = 0.7
+    checkpoint.save(src, tmp_path / "src.safetensors")
+    src = checkpoint.load_vae(tmp_path / "src.safetensors", "cpu")
+    common = ["--data", str(data), "--preset", "tiny", "--batch", "1", "--chunks", "1", "--save-every", "100"]
+    assert main(["train-vae", *common, "--out", str(tmp_path / "a"), "--steps", "2", "--lr", "1e-2", "--init",
+                 str(tmp_path / "src.safetensors"), "--decoder-split-level", "1", "--decoder-only"]) == 0
+    split = checkpoint.load_vae(tmp_path / "a" / "rest_vae.safetensors", "cpu")
+    assert split.cfg.decoder_split_level == 1 and split.cfg.scaling_factor == 0.7
+    for k, v in src.encoder.state_dict().items():
+        assert torch.equal(split.encoder.state_dict()[k], v), k
+    from rest_model.relayout import split_decoder
+    carried = split_decoder(src, 1).decoder.state_dict()
+    assert any(not torch.equal(split.decoder.state_dict()[k], v) for k, v in carried.items())  # it trained
+    assert main(["train-vae", *common, "--out", str(tmp_path / "b"), "--steps", "1", "--init",
+                 str(tmp_path / "a" / "rest_vae.safetensors")]) == 0
+    assert checkpoint.load_vae(tmp_path / "b" / "rest_vae.safetensors", "cpu").cfg.decoder_split_level == 1

@@ -92,3 +92,45 @@ def test_bad_video_shapes_are_named(tiny):
 def test_bad_compression_config():
     with pytest.raises(ValueError, match="levels"):
         VAEConfig(spatial_compression=32, patch_size=4, channels=(8, 16))
+
+
+def _three_level_vae(split: int) -> CausalVAE:
+    """A small VAE with three decoder levels (latent 2x2 for a 32x32 video), so a split can sit at 1 or 2."""
+    torch.manual_seed(8)
+    cfg = VAEConfig(latent_channels=4, spatial_compression=16, temporal_compression=2, patch_size=4,
+                    channels=(8, 16, 16), decoder_split_level=split)
+    return CausalVAE(cfg).eval()
+
+
+@pytest.mark.parametrize("split", [1, 2])
+@torch.no_grad()
+def test_split_decoder_streams_exactly_with_a_fixed_state_and_stays_causal(split):
+    """A decoder that splits each latent frame into its frames at level 1 or 2 runs those levels on video
+    frames; the streamed decode still equals the full one, its state does not grow, a latent frame changes
+    none of the frames before its own, and a pixel refiner on top of it streams exactly too."""
+    vae = _three_level_vae(split)
+    tc = vae.cfg.temporal_compression
+    assert vae.decoder.conv_out.out_channels == 3 * vae.cfg.patch_size ** 2  # one frame per output step
+    z = torch.randn(1, 4, 7, 2, 2, generator=torch.Generator().manual_seed(9))
+    for model in (vae, with_refiner(vae, 4)):
+        if model.decoder.refine is not None:
+            torch.nn.init.normal_(model.decoder.refine.conv_out.weight, std=0.1)
+        full = model.decode(z)
+        assert full.shape == (1, 3, 7 * tc, 32, 32)
+        state, parts, sizes = None, [], []
+        for a, b in [(0, 2), (2, 3), (3, 5), (5, 7)]:
+            frames, state = model.decode_chunk(z[:, :, a:b], state)
+            parts.append(frames)
+            sizes.append(sum(t.numel() for t in state))
+        torch.testing.assert_close(torch.cat(parts, 2), full, atol=1e-5, rtol=1e-5)
+        assert len(set(sizes)) == 1, sizes
+    z2 = z.clone()
+    z2[:, :, 4] += 1.0
+    a, b = vae.decode(z), vae.decode(z2)
+    assert torch.equal(a[:, :, :4 * tc], b[:, :, :4 * tc])
+    assert not torch.allclose(a[:, :, 4 * tc:], b[:, :, 4 * tc:], atol=1e-3)
+
+
+def test_decoder_split_level_must_be_a_level():
+    with pytest.raises(ValueError, match="decoder_split_level 3 must be a level of the decoder, 0..2"):
+        VAEConfig(spatial_compression=16, patch_size=4, channels=(8, 16, 16), decoder_split_level=3)
