@@ -2,7 +2,8 @@
 timed from outside the loop through its callback.
 
     python bench/stream_bench.py speed   [--preset demo] [--seconds 20]   fps, real-time factor, first frame;
-                                                                          VAE decode in line vs overlapped
+                                                                          VAE decode in line vs overlapped;
+                                         [--vae-b F]                      another VAE's decode, side by side
     python bench/stream_bench.py long    [--preset demo] [--chunks 1000]  per-chunk cost drift, resident memory
     python bench/stream_bench.py cache   [--preset demo] [--chunks 12]    ID-Context Cache vs recomputing context
     python bench/stream_bench.py flops                                    FLOPs per frame per preset, H100 ceiling
@@ -93,6 +94,21 @@ def bench_speed(args):
               f"time), first frame after {marks[0] - t0:.3f} s")
     best = {o: max(r) for o, r in rates.items()}
     print(f"[speed] overlapped / in line (best of 2 each): {best[True] / best[False]:.2f}x")
+    if args.vae_b:
+        compare_vaes(vae, checkpoint.load_vae(args.vae_b), dit, args)
+
+
+def compare_vaes(vae_a, vae_b, dit, args):
+    """Two VAEs for the same latents (e.g. a decoder split against the decoder it was carried from), streamed
+    in line in turn, twice each: what the other decoder costs end to end."""
+    checkpoint.check_compatible(vae_b.cfg, dit.cfg)
+    rates = {"a": [], "b": []}
+    for name, vae in (("a", vae_a), ("b", vae_b), ("a", vae_a), ("b", vae_b)):
+        t0, marks, frames, _ = timed_stream(vae, dit, args.seconds)
+        rates[name].append(frames / (marks[-1] - t0))
+        print(f"[speed] --vae{'' if name == 'a' else '-b'} in line: {rates[name][-1]:.1f} fps, first frame after "
+              f"{marks[0] - t0:.3f} s")
+    print(f"[speed] --vae-b / --vae (best of 2 each): {max(rates['b']) / max(rates['a']):.2f}x")
 
 
 def bench_long(args):
@@ -204,6 +220,7 @@ def main():
     ap.add_argument("what", choices=["speed", "long", "cache", "flops", "all"])
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--vae"), ap.add_argument("--dit")
+    ap.add_argument("--vae-b", help="speed: a second VAE for --dit's latents, streamed in line in turn with --vae")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--chunks", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
