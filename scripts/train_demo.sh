@@ -53,9 +53,12 @@ CKPT="$RUN/phase4"
 STUDENT="$CKPT/guided-student"
 common=(--data "$RUN/data" --preset demo --save-every 100)
 dit=(--mouth-weight 6)
-$PY -m rest_model train-vae "${common[@]}" --out "$CKPT" --init "$PREV/rest_vae_demo.safetensors" \
-    --encoder-merge-level 2 --steps "${VAE_STEPS:-1000}" --batch 4 --chunks 4 --lr 3e-4 --face-weight 1 \
-    --mouth-weight 6 --change-weight 4
+# the decoder split trains with the VAE's own losses, so its gain is the split's alone
+vae=(--batch 4 --chunks 4 --lr 3e-4 --face-weight 1 --mouth-weight 6 --change-weight 4)
+# --decoder-split-level 0: phase 4's VAE writes a latent's frames together (the demo preset's split comes last,
+# decoder-only, so the latents the DiT learns are this VAE's)
+$PY -m rest_model train-vae "${common[@]}" "${vae[@]}" --out "$CKPT" --init "$PREV/rest_vae_demo.safetensors" \
+    --encoder-merge-level 2 --decoder-split-level 0 --steps "${VAE_STEPS:-1000}"
 VAE="$CKPT/rest_vae.safetensors"
 $PY -m rest_model train-teacher "${common[@]}" "${dit[@]}" --out "$CKPT" --vae "$VAE" \
     --init "$PREV/rest_dit_demo.safetensors" --steps "${TEACHER_STEPS:-2000}" --batch 4 --chunks 3 --lr 2e-4
@@ -68,8 +71,8 @@ $PY -m rest_model distill "${common[@]}" "${dit[@]}" --out "$STUDENT" --vae "$VA
     --batch 4 --chunks 3 --lr 1e-4 --audio-guidance 4
 # the decoder alone learns to draw the two frames of a latent frame apart; the encoder, so the latents, stay
 SPLIT="$CKPT/decoder-split"
-$PY -m rest_model train-vae "${common[@]}" --out "$SPLIT" --init "$VAE" --decoder-only --decoder-split-level 2 \
-    --steps "${SPLIT_STEPS:-1000}" --batch 4 --chunks 4 --lr 3e-4 --face-weight 1 --mouth-weight 6 --change-weight 4
+$PY -m rest_model train-vae "${common[@]}" "${vae[@]}" --out "$SPLIT" --init "$VAE" --decoder-only \
+    --decoder-split-level 2 --steps "${SPLIT_STEPS:-1000}"
 mkdir -p models/demo
 # float16 storage halves the files (the loaders cast back to float32)
 $PY -m rest_model export --in "$SPLIT/rest_vae.safetensors" --out models/demo/rest_vae_demo.safetensors
