@@ -1,7 +1,8 @@
 """What every training stage shares: batches, audio windows for a clip, the resumable loop.
 
 A stage is a `step(batch, g) -> (loss, logs)` closure over its models; `train_loop` owns the rest:
-optimiser, progress, a JSONL loss log, periodic resumable snapshots. All randomness of step s (batch
+optimiser, an optional exponential moving average (EMA) of the weights, progress, a JSONL loss log, periodic
+resumable snapshots. All randomness of step s (batch
 choice, crops, noise, dropout) comes from a generator seeded by (seed, s), so a run resumed from a
 snapshot continues exactly as if it had never stopped.
 """
@@ -13,6 +14,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import checkpoint, distributed
 from .audio import SampleTimeline
@@ -97,6 +100,10 @@ class LoopConfig:
     log_every: int = 10
     save_every: int = 200
     grad_clip: float = 1.0
+    # EMA decay of the weights the stage exports (0 = export the live weights). At batch 4 the live weights
+    # jitter with each step's few clips; a diffusion model samples better from their average (0.999 ~ the
+    # last 1,000 steps). The live weights keep training; the snapshot holds both.
+    ema: float = 0.0
 
 
 def learning_rate(cfg: LoopConfig, step: int) -> float:
@@ -129,12 +136,16 @@ def save_state(path: str, modules: dict, opt: torch.optim.Optimizer, step: int, 
     os.replace(tmp, path)
 
 
-def load_state(path: str, modules: dict, opt: torch.optim.Optimizer) -> int:
+def load_state(path: str, modules: dict, opt: torch.optim.Optimizer, optional: tuple[str, ...] = ()) -> int:
+    """Restore a snapshot; a module named in `optional` that the snapshot lacks keeps its state (an EMA
+    turned on when resuming a run that had none starts from the resumed weights)."""
     with safe_open(path, framework="pt") as f:
         info = json.loads(f.metadata()["rest_train_state"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     for name, m in modules.items():
-        m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        if sd or name not in optional:
+            m.load_state_dict(sd)
     state = {}
     for k, v in tensors.items():
         if k.startswith("optim."):
@@ -144,11 +155,40 @@ def load_state(path: str, modules: dict, opt: torch.optim.Optimizer) -> int:
     return int(info["step"])
 
 
+def ema_models(trainable: dict[str, torch.nn.Module], decay: float) -> dict[str, AveragedModel]:
+    """An EMA copy of each trainable module (none when decay is 0); its first update copies the weights."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+    if not decay:
+        return {}
+    return {name: AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(decay)) for name, m in trainable.items()}
+
+
+@contextmanager
+def averaged_weights(trainable: dict[str, torch.nn.Module], emas: dict[str, AveragedModel]):
+    """The EMA's weights in the live modules for the duration (an export writes them), then the live ones back."""
+    live = {name: [p.detach().clone() for p in m.parameters()] for name, m in trainable.items() if name in emas}
+
+    def put(name, weights):
+        with torch.no_grad():
+            for p, w in zip(trainable[name].parameters(), weights):
+                p.copy_(w)
+
+    for name in live:
+        put(name, emas[name].module.parameters())
+    try:
+        yield
+    finally:
+        for name, weights in live.items():
+            put(name, weights)
+
+
 def train_loop(stage: str, trainable: dict[str, torch.nn.Module], step_fn: Callable, out_dir: str,
                cfg: LoopConfig, export: Callable[[], None] | None = None, progress: bool = True) -> list[dict]:
     """Run `step_fn(step, g) -> (loss, logs)` for cfg.steps steps, resuming from out_dir if a snapshot is there.
 
-    `export()` writes the stage's deployable checkpoints; it is called at each snapshot and at the end.
+    `export()` writes the stage's deployable checkpoints; it is called at each snapshot and at the end, with
+    the EMA's weights in the modules when cfg.ema is set.
     Under torchrun the step runs data-parallel (distributed.py): each process draws its own batch, DDP
     averages the gradients, and rank 0 alone logs (figures averaged over the processes) and writes files.
     Returns the records of this invocation (this process's own figures).
@@ -157,8 +197,11 @@ def train_loop(stage: str, trainable: dict[str, torch.nn.Module], step_fn: Calla
     rank, n_proc = distributed.world()
     params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    emas = ema_models(trainable, cfg.ema)
+    saved = trainable | {f"ema_{name}": m for name, m in emas.items()}
     state_path, log_path = _state_path(out_dir, stage), os.path.join(out_dir, f"{stage}.log.jsonl")
-    start = load_state(state_path, trainable, opt) if os.path.exists(state_path) else 0
+    start = load_state(state_path, saved, opt, optional=tuple(f"ema_{name}" for name in emas)) \
+        if os.path.exists(state_path) else 0
     if start:
         log.info("%s: resumed at step %d from %s", stage, start, state_path)
     if n_proc > 1:
@@ -176,6 +219,8 @@ def train_loop(stage: str, trainable: dict[str, torch.nn.Module], step_fn: Calla
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
+        for name, ema in emas.items():
+            ema.update_parameters(trainable[name])
         rec = {"step": step + 1, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr, **logs}
         records.append(rec)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
@@ -191,9 +236,10 @@ def train_loop(stage: str, trainable: dict[str, torch.nn.Module], step_fn: Calla
                       f"({rate:.2f} it/s, eta {eta / 60:.1f} min)", file=sys.stderr, flush=True)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             if rank == 0:  # every process holds the same weights and optimiser state
-                save_state(state_path, trainable, opt, step + 1)
+                save_state(state_path, saved, opt, step + 1)
                 if export is not None:
-                    export()
+                    with averaged_weights(trainable, emas):
+                        export()
             distributed.barrier()  # nobody runs ahead of (or resumes from) a half-written snapshot
     for m in trainable.values():
         m.eval()
@@ -228,6 +274,9 @@ def add_common_args(p, needs: tuple[str, ...] = ()):
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay to lr * this (1 = constant)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="export an exponential moving average of the weights with this decay, e.g. 0.999 "
+                        "(default 0 = the live weights)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -295,4 +344,4 @@ def clip_sampler(args, cfg: DiTConfig) -> tuple[Callable[[torch.Generator], dict
 
 def loop_config(args) -> LoopConfig:
     return LoopConfig(steps=args.steps, lr=args.lr, seed=args.seed, save_every=args.save_every,
-                      min_lr_ratio=args.min_lr_ratio)
+                      min_lr_ratio=args.min_lr_ratio, ema=args.ema)

@@ -15,7 +15,7 @@ from rest_model.metrics import MOUTH_ROI
 from rest_model.train_vae import (CHANGE_FULL, PatchDiscriminator, change_weights, motion_l1, patch_weights, region_weights,
                                   vae_loss)
 from rest_model.data import ClipDataset
-from rest_model.training import (LoopConfig, audio_margin, clip_frames, learning_rate, sample_batch,
+from rest_model.training import (LoopConfig, audio_margin, clip_frames, export_model, learning_rate, sample_batch,
                                  train_loop)
 from conftest import audio_features, latent, speech_like
 
@@ -40,9 +40,9 @@ def toy_clips(n=2, frames=24, size=32):
     return clips
 
 
-def _run(stage, modules, loss_fn, tmp_path, steps, lr=3e-3, save_every=1000):
-    cfg = LoopConfig(steps=steps, lr=lr, warmup=1, log_every=1000, save_every=save_every)
-    return train_loop(stage, modules, loss_fn, str(tmp_path), cfg, progress=False)
+def _run(stage, modules, loss_fn, tmp_path, steps, lr=3e-3, save_every=1000, ema=0.0, export=None):
+    cfg = LoopConfig(steps=steps, lr=lr, warmup=1, log_every=1000, save_every=save_every, ema=ema)
+    return train_loop(stage, modules, loss_fn, str(tmp_path), cfg, export=export, progress=False)
 
 
 def _falls(records, what="loss", k=5):
@@ -231,7 +231,44 @@ def test_student_rollout_is_exactly_the_streamer(tiny):
     torch.testing.assert_close(out, torch.cat([c.latent for c in chunks], 2), atol=1e-5, rtol=1e-5)
 
 
-def test_resume_from_a_snapshot_equals_an_uninterrupted_run(tmp_path):
+def _teacher_step(vae, dit, clips):
+    margin, frames = audio_margin(dit.cfg), clip_frames(dit.cfg, 2)
+    return lambda i, g: teacher_loss(dit, vae, _batch(clips, frames, margin, g), margin, g)
+
+
+def test_ema_is_what_a_stage_exports_and_the_live_weights_keep_training(tmp_path):
+    """With --ema d the exported file holds e_1 = w_1, e_k = d e_(k-1) + (1 - d) w_k over the weights after
+    each step; the module keeps its live weights after an export."""
+    vae, dit = random_model("tiny")
+    step, after = _teacher_step(vae, dit, toy_clips()), []
+
+    def recording(i, g):  # weights as step i starts = after step i - 1
+        if i:
+            after.append({k: v.clone() for k, v in dit.state_dict().items()})
+        return step(i, g)
+
+    path, decay = tmp_path / "teacher.safetensors", 0.7
+    _run("teacher", {"dit": dit}, recording, tmp_path, 5, ema=decay,
+         export=lambda: export_model(dit, str(path)))
+    after.append({k: v.clone() for k, v in dit.state_dict().items()})
+    expect = dict(after[0])
+    for w in after[1:]:
+        expect = {k: decay * expect[k] + (1 - decay) * w[k] for k in w}
+    exported = checkpoint.load_dit(str(path))
+    for k, v in exported.state_dict().items():
+        torch.testing.assert_close(v, expect[k], atol=1e-6, rtol=1e-5, msg=k)
+        assert torch.equal(dit.state_dict()[k], after[-1][k]), k  # the live weights are back
+    assert any(not torch.allclose(v, after[-1][k]) for k, v in exported.state_dict().items())
+
+
+def test_ema_rejects_a_decay_outside_0_1(tmp_path):
+    vae, dit = random_model("tiny")
+    with pytest.raises(ValueError, match="EMA decay"):
+        _run("teacher", {"dit": dit}, _teacher_step(vae, dit, toy_clips()), tmp_path, 2, ema=1.0)
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.8])
+def test_resume_from_a_snapshot_equals_an_uninterrupted_run(tmp_path, ema):
     def fresh():
         vae, dit = random_model("tiny")
         return vae, dit
@@ -242,8 +279,12 @@ def test_resume_from_a_snapshot_equals_an_uninterrupted_run(tmp_path):
         margin, frames = audio_margin(dit.cfg), clip_frames(dit.cfg, 2)
         return lambda i, g: teacher_loss(dit, vae, _batch(clips, frames, margin, g), margin, g)
 
+    def export(dit, name):
+        return lambda: export_model(dit, str(tmp_path / name))
+
     vae, straight = fresh()
-    _run("teacher", {"dit": straight}, make_step(vae, straight), tmp_path / "a", 6)
+    _run("teacher", {"dit": straight}, make_step(vae, straight), tmp_path / "a", 6, ema=ema,
+         export=export(straight, "a.safetensors"))
 
     vae, first = fresh()
     step = make_step(vae, first)
@@ -254,12 +295,17 @@ def test_resume_from_a_snapshot_equals_an_uninterrupted_run(tmp_path):
         return step(i, g)
 
     with pytest.raises(KeyboardInterrupt):
-        _run("teacher", {"dit": first}, crashing, tmp_path / "b", 6, save_every=3)
+        _run("teacher", {"dit": first}, crashing, tmp_path / "b", 6, save_every=3, ema=ema)
     vae, resumed = fresh()  # a new process: weights from scratch, state from the snapshot
-    records = _run("teacher", {"dit": resumed}, make_step(vae, resumed), tmp_path / "b", 6, save_every=3)
+    records = _run("teacher", {"dit": resumed}, make_step(vae, resumed), tmp_path / "b", 6, save_every=3, ema=ema,
+                   export=export(resumed, "b.safetensors"))
     assert [r["step"] for r in records] == [4, 5, 6]
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+    # the exported weights (the EMA's when on) match too: the snapshot carried the average
+    a, b = (checkpoint.load_dit(str(tmp_path / n)).state_dict() for n in ("a.safetensors", "b.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_stage_commands_write_loadable_checkpoints(tmp_path):
