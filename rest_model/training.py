@@ -1,10 +1,9 @@
 """What every training stage shares: batches, audio windows for a clip, the resumable loop.
 
 A stage is a `step(batch, g) -> (loss, logs)` closure over its models; `train_loop` owns the rest:
-optimiser, an optional exponential moving average (EMA) of the weights, progress, a JSONL loss log, periodic
-resumable snapshots. All randomness of step s (batch
-choice, crops, noise, dropout) comes from a generator seeded by (seed, s), so a run resumed from a
-snapshot continues exactly as if it had never stopped.
+optimiser, an optional exponential moving average (EMA) of the weights, progress, a JSONL loss log,
+periodic resumable snapshots. All randomness of step s (batch choice, crops, noise, dropout) comes from a
+generator seeded by (seed, s), so a run resumed from a snapshot continues exactly as if it had never stopped.
 """
 from __future__ import annotations
 
@@ -200,7 +199,7 @@ def train_loop(stage: str, trainable: dict[str, torch.nn.Module], step_fn: Calla
     emas = ema_models(trainable, cfg.ema)
     saved = trainable | {f"ema_{name}": m for name, m in emas.items()}
     state_path, log_path = _state_path(out_dir, stage), os.path.join(out_dir, f"{stage}.log.jsonl")
-    start = load_state(state_path, saved, opt, optional=tuple(f"ema_{name}" for name in emas)) \
+    start = load_state(state_path, saved, opt, optional=tuple(saved.keys() - trainable.keys())) \
         if os.path.exists(state_path) else 0
     if start:
         log.info("%s: resumed at step %d from %s", stage, start, state_path)

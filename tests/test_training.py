@@ -275,19 +275,15 @@ def test_resume_from_a_snapshot_equals_an_uninterrupted_run(tmp_path, ema):
 
     clips = toy_clips()
 
-    def make_step(vae, dit):
-        margin, frames = audio_margin(dit.cfg), clip_frames(dit.cfg, 2)
-        return lambda i, g: teacher_loss(dit, vae, _batch(clips, frames, margin, g), margin, g)
-
     def export(dit, name):
         return lambda: export_model(dit, str(tmp_path / name))
 
     vae, straight = fresh()
-    _run("teacher", {"dit": straight}, make_step(vae, straight), tmp_path / "a", 6, ema=ema,
+    _run("teacher", {"dit": straight}, _teacher_step(vae, straight, clips), tmp_path / "a", 6, ema=ema,
          export=export(straight, "a.safetensors"))
 
     vae, first = fresh()
-    step = make_step(vae, first)
+    step = _teacher_step(vae, first, clips)
 
     def crashing(i, g):
         if i == 4:  # the process dies mid-way through step 5, after the snapshot at step 3
@@ -297,7 +293,7 @@ def test_resume_from_a_snapshot_equals_an_uninterrupted_run(tmp_path, ema):
     with pytest.raises(KeyboardInterrupt):
         _run("teacher", {"dit": first}, crashing, tmp_path / "b", 6, save_every=3, ema=ema)
     vae, resumed = fresh()  # a new process: weights from scratch, state from the snapshot
-    records = _run("teacher", {"dit": resumed}, make_step(vae, resumed), tmp_path / "b", 6, save_every=3, ema=ema,
+    records = _run("teacher", {"dit": resumed}, _teacher_step(vae, resumed, clips), tmp_path / "b", 6, save_every=3, ema=ema,
                    export=export(resumed, "b.safetensors"))
     assert [r["step"] for r in records] == [4, 5, 6]
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
