@@ -84,9 +84,20 @@ def init_student_loss(student, teacher, vae, batch, margin, g, teacher_steps: in
 
 
 def load_student_stage(args, student_path: str):
-    """VAE, frozen teacher and trainable student of stages 3-4, refusing a teacher that does not fit the VAE."""
+    """VAE, frozen teacher and trainable student of stages 3-4, refusing a teacher or student that does not fit the
+    VAE, or a pair that streams differently."""
     vae, teacher = checkpoint.load_pair(args.vae, args.teacher, args.device)
     student = make_trainable(checkpoint.load_dit(student_path, args.device))
+    try:
+        checkpoint.check_compatible(vae.cfg, student.cfg)
+    except ValueError as e:
+        raise ValueError(f"the student {student_path} does not fit {args.vae}: {e}") from None
+    # the teacher may be larger (train-teacher --depth), but it must see the clip as the student streams it
+    t, s = teacher.cfg, student.cfg
+    differ = [k for k in ("resolution", "fps", "stream") if getattr(t, k) != getattr(s, k)]
+    if differ:
+        raise ValueError(f"the teacher {args.teacher} and the student {student_path} differ in {', '.join(differ)}: "
+                         f"{[getattr(t, k) for k in differ]} vs {[getattr(s, k) for k in differ]}")
     return vae, teacher, student
 
 

@@ -26,6 +26,11 @@ decoder_split_level). The splitting upsample gives every frame the features the 
 conv, now shared by the frames, takes the mean of the source's per-frame rows: a still latent then decodes to
 the mean of the source's frames of each latent frame. The encoder is untouched, so with `train-vae
 --decoder-only` the latents, and any DiT trained on them, stay exactly valid.
+
+`deeper_dit` carries a DiT over to more blocks: the new blocks are interleaved among the trained ones and
+start as the identity (adaLN-zero gates and the audio cross-attention's output projection are zero at
+init), so the deeper DiT gives exactly the source's velocities and its ID-Sink and Context-Cache K/V at the
+source's blocks; fine-tuning then spends the extra depth where the loss needs it.
 """
 from __future__ import annotations
 
@@ -166,3 +171,22 @@ def relayout_dit(src: CausalDiT, cfg: DiTConfig) -> CausalDiT:
     dit = CausalDiT(cfg)
     dit.load_state_dict(state)
     return dit.to(next(src.parameters()).device)
+
+
+def deeper_dit(src: CausalDiT, depth: int) -> CausalDiT:
+    """`src` with `depth` blocks: src's blocks keep their order, fresh identity blocks fill evenly between them."""
+    n = src.cfg.depth
+    if depth < n:
+        raise ValueError(f"a DiT can only be carried to more blocks: it has {n}, asked for {depth}")
+    dit = CausalDiT(dataclasses.replace(src.cfg, depth=depth)).to(next(src.parameters()).device)
+    # fresh blocks start exactly as the identity, whatever their other weights
+    # new position -> source block: the first and last stay first and last (the ID-Sink's first block and the
+    # block the output head reads keep their neighbours)
+    keep = {round(i * (depth - 1) / max(n - 1, 1)): i for i in range(n)}
+    state = {k: v for k, v in src.state_dict().items() if not k.startswith("blocks.")}
+    for new, old in keep.items():
+        state.update({f"blocks.{new}.{k}": v for k, v in src.blocks[old].state_dict().items()})
+    state.update({f"blocks.{i}.{k}": v for i in range(depth) if i not in keep
+                  for k, v in dit.blocks[i].state_dict().items()})
+    dit.load_state_dict(state)
+    return dit

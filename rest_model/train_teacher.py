@@ -15,7 +15,7 @@ import torch
 from . import checkpoint, distributed
 from .config import check_compatible, preset, to_json
 from .dit import CausalDiT
-from .relayout import relayout_dit
+from .relayout import deeper_dit, relayout_dit
 from .training import (add_common_args, add_mouth_weight_arg, chunked_times, clip_audio_windows, clip_sampler,
                        drop_audio, export_model, latent_mouth_weights, loop_config, train_loop, weighted_mse)
 from .vae import CausalVAE
@@ -57,8 +57,12 @@ def cmd_train_teacher(args) -> int:
     vae = checkpoint.load_vae(args.vae, args.device)
     cfg = preset(args.preset).dit
     cfg.audio.backbone = args.audio_backbone
+    if args.depth:
+        cfg.depth = args.depth
     if args.init:  # e.g. carry a trained teacher over to a fine-tuned VAE's latents
         dit = checkpoint.load_dit(args.init, args.device)
+        if args.depth and dit.cfg.depth < args.depth:  # asked for a deeper teacher: start as the trained one
+            dit = deeper_dit(dit, cfg.depth)
         if to_json(dit.cfg) != to_json(cfg):
             try:  # another temporal layout: carry the weights over (relayout.py)
                 dit = relayout_dit(dit, cfg)
@@ -93,6 +97,9 @@ def register(sub):
                    help="audio front end: log-mel (default) or a frozen torchaudio wav2vec2/HuBERT base")
     p.add_argument("--audio-backbone-weights", help="the backbone's weights: .safetensors of the torchaudio "
                    "model's state dict (yours; nothing is downloaded)")
+    p.add_argument("--depth", type=int, help="DiT blocks, instead of the preset's: a teacher may be deeper than the "
+                   "student it distils into (the streaming stages only need the same latents); with --init from a "
+                   "shallower DiT the new blocks start as the identity")
     p.add_argument("--init", help="start from this teacher checkpoint instead of from scratch (a fresh optimizer "
                    "and schedule; the run folder's own snapshot, if any, still wins; one of another temporal layout is "
                    "carried over: see relayout.py)")

@@ -7,8 +7,10 @@ import torch
 from rest_model import checkpoint
 from rest_model.cli import main, random_model
 from rest_model.config import preset
-from rest_model.relayout import later_encoder_merge, relayout_dit, relayout_vae, window_offsets
+from rest_model.relayout import deeper_dit, later_encoder_merge, relayout_dit, relayout_vae, window_offsets
+from rest_model.dit import CausalDiT
 from rest_model.vae import CausalVAE, with_refiner
+from conftest import audio_features, latent
 from test_training import _tiny_dataset
 
 
@@ -231,3 +233,67 @@ def test_train_vae_decoder_only_splits_the_decoder_and_keeps_the_latents(tmp_pat
     assert main(["train-vae", *common, "--out", str(tmp_path / "b"), "--steps", "1", "--init",
                  str(tmp_path / "a" / "rest_vae.safetensors")]) == 0
     assert checkpoint.load_vae(tmp_path / "b" / "rest_vae.safetensors", "cpu").cfg.decoder_split_level == 1
+
+
+def test_deeper_dit_starts_as_the_source_and_can_learn():
+    """6 -> 10 blocks in the demo's layout, 2 -> 3 in the tiny one: the deeper DiT's velocities (bidirectional
+    and under the block-causal mask) and its ID-Sink at the source's blocks are the source's exactly, and the
+    new blocks get gradient, so fine-tuning can use them."""
+    from conftest import randomize
+    for name, depth, kept in (("tiny", 3, [0, 2]), ("demo", 10, [0, 2, 4, 5, 7, 9])):
+        _, src = random_model(name, seed=5)
+        randomize(src, 6)
+        dst = deeper_dit(src, depth)
+        assert dst.cfg.depth == depth and len(dst.blocks) == depth
+        c, s = src.cfg, src.cfg.stream
+        x, ref = latent(c, 4, seed=1), latent(c, 1, seed=2)
+        t, audio = torch.rand(1, 4, generator=torch.Generator().manual_seed(3)), audio_features(c, 4, seed=4)
+        with torch.no_grad():
+            for causal in (False, True):
+                kw = dict(causal=causal, chunk=s.chunk_frames, context=s.context_frames)
+                assert torch.equal(dst(x, t, audio, ref, **kw), src(x, t, audio, ref, **kw))
+            sink_src, sink_dst = src.id_sink(ref), dst.id_sink(ref)
+        for i, j in enumerate(kept):
+            assert torch.equal(sink_dst[j].k, sink_src[i].k) and torch.equal(sink_dst[j].v, sink_src[i].v)
+        new = next(i for i in range(depth) if i not in kept)
+        dst(x, t, audio, ref).pow(2).mean().backward()
+        assert dst.blocks[new].ada.weight.grad.abs().sum() > 0
+        assert dst.blocks[new].audio_attn.proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="only be carried to more blocks: it has 2, asked for 1"):
+        deeper_dit(random_model("tiny")[1], 1)
+
+
+def test_a_deeper_teacher_trains_and_distils_into_the_shallower_student(tmp_path, capsys):
+    """train-teacher --depth 3 --init (2 blocks) keeps the source's blocks; distill then runs with that 3-block
+    teacher and the 2-block student, and refuses a student that streams in other chunks or fits another VAE."""
+    from conftest import randomize
+    vae, dit = random_model("tiny", seed=7)
+    randomize(dit, 8)
+    checkpoint.save(vae, tmp_path / "v.safetensors")
+    checkpoint.save(dit, tmp_path / "s.safetensors")
+    data = _tiny_dataset(tmp_path / "data")
+    common = ["--data", str(data), "--preset", "tiny", "--steps", "1", "--batch", "1", "--chunks", "1",
+              "--lr", "1e-9", "--device", "cpu", "--vae", str(tmp_path / "v.safetensors")]
+    assert main(["train-teacher", *common, "--out", str(tmp_path / "t"), "--init", str(tmp_path / "s.safetensors"),
+                 "--depth", "3"]) == 0
+    teacher = checkpoint.load_dit(tmp_path / "t" / "teacher.safetensors")
+    assert teacher.cfg.depth == 3
+    kept = {0: 0, 1: 2}  # source block -> teacher block: the new one goes between
+    for k, v in dit.state_dict().items():
+        if k.startswith("blocks."):
+            i, rest = k[len("blocks."):].split(".", 1)
+            k = f"blocks.{kept[int(i)]}.{rest}"
+        assert torch.allclose(teacher.state_dict()[k], v, atol=1e-6), k
+    for k in ("ada.weight", "ada.bias", "audio_attn.proj.weight", "audio_attn.proj.bias"):  # the new block: identity
+        assert teacher.state_dict()[f"blocks.1.{k}"].abs().max() < 1e-6, k
+    distill = ["distill", *common, "--teacher", str(tmp_path / "t" / "teacher.safetensors"), "--solve-steps", "1"]
+    assert main([*distill, "--out", str(tmp_path / "a"), "--student", str(tmp_path / "s.safetensors")]) == 0
+    assert checkpoint.load_dit(tmp_path / "a" / "student_asd.safetensors").cfg.depth == 2
+    other_chunks = CausalDiT(dataclasses.replace(dit.cfg, stream=dataclasses.replace(dit.cfg.stream, chunk_frames=1)))
+    checkpoint.save(other_chunks, tmp_path / "c.safetensors")
+    assert main([*distill, "--out", str(tmp_path / "b"), "--student", str(tmp_path / "c.safetensors")]) == 2
+    assert "c.safetensors differ in stream" in capsys.readouterr().err
+    other_latents = CausalDiT(dataclasses.replace(dit.cfg, latent_channels=4))
+    checkpoint.save(other_latents, tmp_path / "l.safetensors")
+    assert main([*distill, "--out", str(tmp_path / "d"), "--student", str(tmp_path / "l.safetensors")]) == 2
+    assert "the student" in (err := capsys.readouterr().err) and "l.safetensors does not fit" in err
