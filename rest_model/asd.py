@@ -19,6 +19,20 @@ conditional mean.
 Because the context is the student's own, the teacher shows it how to correct the drift it creates:
 that is what stops error accumulation over long streams. A teacher-forced flow-matching term on real
 clips (weight `real_weight`) keeps the student anchored to data.
+
+Optional distribution term (`dmd_weight`, DMD / DMD2): regression onto a solve pulls the student towards the
+teacher's conditional *mean* from its own noised chunk; distribution matching instead moves each of the
+student's chunks along the difference between two scores at the same asynchronous x_t:
+
+    x0_real = x_t - t_j v_T(x_t)          the teacher (with audio guidance): where data lies
+    x0_fake = x_t - t_j v_C(x_t)          a critic C that tracks the student's own outputs
+    d_j     = (x0_fake - x0_real) / mean|x^S_j - x0_real|          (DMD's per-sample normalisation)
+    L_DMD   = sum_j || x^S_j - stopgrad(x^S_j - d_j) ||^2 / 2      (its gradient is d_j)
+
+The critic starts as a copy of the teacher (so d = 0 until the student's distribution moves away from the
+teacher's, at guidance 1) and learns by flow matching on the student's detached chunks under the same
+asynchronous schedule, L_C = || v_C(x_t) - (e - x^S_j) ||^2, one critic update per student update (DMD2 uses
+several; the two losses share one optimiser step because neither reaches the other's weights).
 """
 from __future__ import annotations
 
@@ -26,12 +40,13 @@ import os
 
 import torch
 
-from . import distributed
+from . import checkpoint, distributed
 from .init_student import load_student_stage, student_rollout, teacher_forced_fm
 from .sampler import audio_guided, flow_schedule
 from .train_teacher import encode_batch
 from .training import (add_audio_guidance_arg, add_common_args, add_mouth_weight_arg, clip_audio_windows,
-                       clip_sampler, export_model, latent_mouth_weights, loop_config, train_loop, weighted_mse)
+                       clip_sampler, export_model, latent_mouth_weights, loop_config, make_trainable, train_loop,
+                       weighted_mse)
 
 
 def asynchronous_times(n_frames: int, chunk: int, j: int, t_ctx: float, t_j: torch.Tensor) -> torch.Tensor:
@@ -41,22 +56,28 @@ def asynchronous_times(n_frames: int, chunk: int, j: int, t_ctx: float, t_j: tor
     return torch.cat([ctx, t_j[:, None].expand(b, min(chunk, n_frames - j * chunk))], 1)
 
 
+def renoise_asynchronously(x, chunk: int, j: int, t_ctx: float, t_min: float, t_max: float, g):
+    """Chunks <= j of x under the asynchronous schedule, t_j ~ U(t_min, t_max): (x_t, per-frame t, noise)."""
+    b, n = x.shape[0], x.shape[2]
+    t_j = t_min + (t_max - t_min) * torch.rand(b, generator=g)
+    t = asynchronous_times(n, chunk, j, t_ctx, t_j).to(x)
+    x = x[:, :, :t.shape[1]]
+    e = torch.randn(x.shape, generator=g).to(x)
+    tt = t[:, None, :, None, None]
+    return (1 - tt) * x + tt * e, t, e
+
+
 def asd_targets(teacher, student_out, ref, windows, g, t_ctx: float, t_min: float, t_max: float,
                 solve_steps: int = 1, guidance: float = 1.0) -> torch.Tensor:
     """The teacher's clean estimate of every chunk under its asynchronous schedule (no gradient), with audio
     guidance `guidance` (distilled into the student, which then needs one pass per step at inference)."""
     k = teacher.cfg.stream.chunk_frames
-    b, n = student_out.shape[0], student_out.shape[2]
+    n = student_out.shape[2]
     targets = []
     with torch.no_grad():
         for j in range(0, -(-n // k)):
             start, end = j * k, min(n, (j + 1) * k)
-            t_j = t_min + (t_max - t_min) * torch.rand(b, generator=g)
-            t = asynchronous_times(n, k, j, t_ctx, t_j).to(student_out)
-            x = student_out[:, :, :end]
-            e = torch.randn(x.shape, generator=g).to(x)
-            tt = t[:, None, :, None, None]
-            xt = (1 - tt) * x + tt * e
+            xt, t, _ = renoise_asynchronously(student_out, k, j, t_ctx, t_min, t_max, g)
             steps = t[:, start:start + 1] * torch.linspace(1, 0, solve_steps + 1).to(t)  # (B, S+1) t_j -> 0
             xj = xt[:, :, start:end]
             for s in range(solve_steps):
@@ -68,9 +89,33 @@ def asd_targets(teacher, student_out, ref, windows, g, t_ctx: float, t_min: floa
     return torch.cat(targets, 2)
 
 
+def dmd_terms(teacher, critic, student_out, ref, windows, g, t_ctx: float, t_min: float, t_max: float,
+              guidance: float = 1.0, weights=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, L_C): the DMD direction of every chunk of the (detached) rollout, without gradient, and the critic's
+    flow-matching loss on the same noised chunks (gradient to the critic only)."""
+    k = teacher.cfg.stream.chunk_frames
+    n = student_out.shape[2]
+    n_chunks = -(-n // k)
+    directions, critic_loss = [], 0.0
+    for j in range(n_chunks):
+        start, end = j * k, min(n, (j + 1) * k)
+        xt, t, e = renoise_asynchronously(student_out, k, j, t_ctx, t_min, t_max, g)
+        v_fake = critic(xt, t, windows[:, :end], ref)[:, :, start:end]
+        x = student_out[:, :, start:end]
+        critic_loss = critic_loss + weighted_mse(v_fake, e[:, :, start:end] - x, weights) / n_chunks
+        with torch.no_grad():
+            v_real = audio_guided(teacher, xt, t, windows[:, :end], ref, guidance)[:, :, start:end]
+            tj = t[:, start:end][:, None, :, None, None]
+            x0_real = xt[:, :, start:end] - tj * v_real
+            x0_fake = xt[:, :, start:end] - tj * v_fake.detach()
+            scale = (x - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-6)
+            directions.append((x0_fake - x0_real) / scale)
+    return torch.cat(directions, 2), critic_loss
+
+
 def asd_loss(student, teacher, vae, batch, margin, g, t_ctx: float = 0.1, t_min: float = 0.2,
              t_max: float = 0.7, real_weight: float = 0.25, solve_steps: int = 1,
-             weights=None, guidance: float = 1.0) -> tuple[torch.Tensor, dict]:
+             weights=None, guidance: float = 1.0, critic=None, dmd_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     device = next(student.parameters()).device
     x0, ref = encode_batch(vae, batch, device)
     n = x0.shape[2]
@@ -83,7 +128,13 @@ def asd_loss(student, teacher, vae, batch, margin, g, t_ctx: float = 0.1, t_min:
     target = asd_targets(teacher, out.detach(), ref, wt, g, t_ctx, t_min, t_max, solve_steps, guidance)
     asd = weighted_mse(out, target, weights)
     real = teacher_forced_fm(student, x0, ref, ws, g, weights)
-    return asd + real_weight * real, {"asd": asd.item(), "fm": real.item()}
+    loss, logs = asd + real_weight * real, {"asd": asd.item(), "fm": real.item()}
+    if critic is not None and dmd_weight > 0:
+        d, critic_loss = dmd_terms(teacher, critic, out.detach(), ref, wt, g, t_ctx, t_min, t_max, guidance, weights)
+        dmd = 0.5 * weighted_mse(out, (out - d).detach(), weights)
+        loss = loss + dmd_weight * dmd + critic_loss
+        logs |= {"dmd": dmd.item(), "critic": critic_loss.item()}
+    return loss, logs
 
 
 @distributed.launched
@@ -91,12 +142,16 @@ def cmd_distill(args) -> int:
     vae, teacher, student = load_student_stage(args, args.student)
     draw, margin = clip_sampler(args, student.cfg)
     weights = latent_mouth_weights(student.cfg, args.mouth_weight)
+    if args.dmd_weight < 0:
+        raise ValueError(f"--dmd-weight must be >= 0, got {args.dmd_weight}")
+    # the critic starts as the teacher; it is trained, and saved in the run's snapshot, but never exported
+    critic = make_trainable(checkpoint.load_dit(args.teacher, args.device)) if args.dmd_weight > 0 else None
 
     def step(i, g):
         return asd_loss(student, teacher, vae, draw(g), margin, g, args.t_ctx, args.t_min, args.t_max,
-                        args.real_weight, args.solve_steps, weights, args.audio_guidance)
+                        args.real_weight, args.solve_steps, weights, args.audio_guidance, critic, args.dmd_weight)
 
-    train_loop("asd", {"dit": student}, step, args.out, loop_config(args),
+    train_loop("asd", {"dit": student} | ({"critic": critic} if critic is not None else {}), step, args.out, loop_config(args),
                lambda: export_model(student, os.path.join(args.out, "student_asd.safetensors")))
     return 0
 
@@ -109,6 +164,8 @@ def register(sub):
     p.add_argument("--t-max", type=float, default=0.7)
     p.add_argument("--solve-steps", type=int, default=3, help="teacher Euler steps from t_j to 0 for the target")
     p.add_argument("--real-weight", type=float, default=0.25, help="teacher-forced flow matching on real clips")
+    p.add_argument("--dmd-weight", type=float, default=0.0, help="weight of the distribution-matching (DMD) term, "
+                   "with a critic initialised from the teacher and trained alongside (default 0 = off)")
     add_mouth_weight_arg(p)
     add_audio_guidance_arg(p)
     p.set_defaults(fn=cmd_distill)

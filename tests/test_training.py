@@ -17,7 +17,7 @@ from rest_model.train_vae import (CHANGE_FULL, PatchDiscriminator, change_weight
 from rest_model.data import ClipDataset
 from rest_model.training import (LoopConfig, audio_margin, clip_frames, export_model, learning_rate, sample_batch,
                                  train_loop)
-from conftest import audio_features, latent, speech_like
+from conftest import audio_features, latent, randomize, speech_like
 
 SPF = 640
 
@@ -322,6 +322,32 @@ def test_stage_commands_write_loadable_checkpoints(tmp_path):
     assert (run / "asd.log.jsonl").exists()
 
 
+def test_distill_with_dmd_exports_the_student_alone(tmp_path, capsys):
+    """distill --dmd-weight: the log carries the DMD and critic terms, the snapshot the critic, the exported
+    student file only the student; a negative weight is refused before anything is written."""
+    from safetensors import safe_open
+    from rest_model.cli import main
+    vae, teacher = random_model("tiny")
+    checkpoint.save(vae, tmp_path / "v.safetensors"), checkpoint.save(randomize(teacher, 2), tmp_path / "t.safetensors")
+    common = ["distill", "--data", str(_tiny_dataset(tmp_path / "data", clips=1, frames=24)), "--preset", "tiny",
+              "--steps", "2", "--batch", "1", "--chunks", "2", "--device", "cpu", "--vae", str(tmp_path / "v.safetensors"),
+              "--teacher", str(tmp_path / "t.safetensors"), "--student", str(tmp_path / "t.safetensors"),
+              "--solve-steps", "1"]
+    assert main([*common, "--dmd-weight", "-1", "--out", str(tmp_path / "bad")]) == 2
+    assert "--dmd-weight must be >= 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    run = tmp_path / "run"
+    assert main([*common, "--dmd-weight", "1", "--audio-guidance", "2", "--out", str(run)]) == 0
+    import json
+    logs = [json.loads(line) for line in (run / "asd.log.jsonl").read_text().splitlines()]
+    assert logs and all({"dmd", "critic"} <= r.keys() for r in logs)
+    student = checkpoint.load_dit(run / "student_asd.safetensors")
+    with safe_open(str(run / "student_asd.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(student.state_dict())
+    snapshot = next(run.glob("*state*"))
+    with safe_open(str(snapshot), "pt") as f:
+        assert any(k.startswith("critic") for k in f.keys())
+
+
 @torch.no_grad()
 def test_asd_target_is_the_teachers_solve_under_the_asynchronous_schedule(tiny):
     """One solve step is the teacher's denoised estimate x_t - t_j v with earlier chunks at t_ctx and
@@ -352,6 +378,104 @@ def test_asd_target_is_the_teachers_solve_under_the_asynchronous_schedule(tiny):
     torch.testing.assert_close(three[:, :, :2 * k], three_later[:, :, :2 * k])
     assert not torch.allclose(three[:, :, 2 * k:], three_later[:, :, 2 * k:])
     assert not torch.allclose(three, one)  # the multi-step solve is a different (sharper) target
+
+
+@torch.no_grad()
+def test_dmd_direction_is_the_difference_of_the_critics_and_the_teachers_estimates(tiny):
+    """d_j = (x0_fake - x0_real) / mean|x_j - x0_real| at the asynchronous x_t; zero while the critic is the
+    teacher (at guidance 1), guidance alone makes it non-zero, and chunk j's d ignores later chunks."""
+    import copy
+    from rest_model.asd import asynchronous_times, dmd_terms
+    from rest_model.sampler import audio_guided
+    _, teacher = tiny
+    c = teacher.cfg
+    k = c.stream.chunk_frames
+    n = 3 * k
+    out, windows, ref = latent(c, n), audio_features(c, n), latent(c, 1, 1)
+    critic = copy.deepcopy(teacher)
+    d, _ = dmd_terms(teacher, critic, out, ref, windows, torch.Generator().manual_seed(3), 0.1, 0.2, 0.7)
+    assert d.shape == out.shape and torch.count_nonzero(d) == 0
+    assert torch.count_nonzero(dmd_terms(teacher, critic, out, ref, windows, torch.Generator().manual_seed(3),
+                                         0.1, 0.2, 0.7, guidance=3.0)[0]) > 0
+    critic = random_model("tiny", seed=7)[1]
+    d, _ = dmd_terms(teacher, critic, out, ref, windows, torch.Generator().manual_seed(3), 0.1, 0.2, 0.7, 2.0)
+    g = torch.Generator().manual_seed(3)  # replay the draws by hand for chunk 1
+    for j in range(2):
+        t_j = 0.2 + 0.5 * torch.rand(1, generator=g)
+        e = torch.randn(1, c.latent_channels, (j + 1) * k, c.latent_size, c.latent_size, generator=g)
+    t = asynchronous_times(n, k, 1, 0.1, t_j)
+    tt = t[:, None, :, None, None]
+    xt = (1 - tt) * out[:, :, :2 * k] + tt * e
+    real = (xt - tt * audio_guided(teacher, xt, t, windows[:, :2 * k], ref, 2.0))[:, :, k:]
+    fake = (xt - tt * critic(xt, t, windows[:, :2 * k], ref))[:, :, k:]
+    want = (fake - real) / (out[:, :, k:2 * k] - real).abs().mean()
+    torch.testing.assert_close(d[:, :, k:2 * k], want, atol=1e-5, rtol=1e-4)
+    later = out.clone()
+    later[:, :, 2 * k:] += 1
+    d_later, _ = dmd_terms(teacher, critic, later, ref, windows, torch.Generator().manual_seed(3), 0.1, 0.2, 0.7, 2.0)
+    torch.testing.assert_close(d_later[:, :, :2 * k], d[:, :, :2 * k])
+    assert not torch.allclose(d_later[:, :, 2 * k:], d[:, :, 2 * k:])
+
+
+def test_asd_with_dmd_trains_the_critic_apart_from_the_student_and_resumes_both(tmp_path):
+    """The DMD term's gradient reaches only the student and the critic's only the critic; the critic's loss
+    falls; a run resumed from its snapshot equals one that never stopped, critic included."""
+    vae, teacher = random_model("tiny")
+    teacher = randomize(teacher, 2)  # a fresh DiT ignores the audio (zero-initialised), so guidance would do nothing
+    clips = toy_clips()
+
+    def models():  # the critic differs from the teacher from the start, so the DMD term is not zero
+        return random_model("tiny", seed=1)[1], randomize(random_model("tiny", seed=5)[1], 4).train().requires_grad_()
+
+    student, critic = models()
+    margin, frames = audio_margin(student.cfg), clip_frames(student.cfg, 2)
+    batch = _batch(clips, frames, margin, torch.Generator().manual_seed(0))
+
+    def step(s, c):
+        return lambda i, g: asd_loss(s, teacher, vae, batch, margin, g, solve_steps=1, real_weight=0.0, critic=c,
+                                     dmd_weight=1.0, guidance=2.0)
+
+    def grads(w):
+        student.zero_grad(), critic.zero_grad()
+        loss, logs = asd_loss(student, teacher, vae, batch, margin, torch.Generator().manual_seed(1), solve_steps=1,
+                              real_weight=0.0, critic=critic if w is not None else None, dmd_weight=w or 0.0,
+                              guidance=2.0)
+        loss.backward()
+        flat = lambda m: torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())  # noqa: E731
+                                    for p in m.parameters()])
+        return flat(student), flat(critic), logs
+
+    plain, none, _ = grads(None)
+    one, critic_one, logs = grads(1.0)
+    five, critic_five, _ = grads(5.0)
+    assert {"asd", "fm", "dmd", "critic"} <= logs.keys() and logs["dmd"] > 0 and not none.any()
+    torch.testing.assert_close(critic_five, critic_one)  # the DMD term does not train the critic
+    assert critic_one.abs().sum() > 0
+    # the student's gradient is the plain ASD one plus w times the DMD term's: nothing from the critic's loss
+    assert (one - plain).abs().sum() > 1e-3 * plain.abs().sum()
+    torch.testing.assert_close(five - plain, 5 * (one - plain), atol=1e-5, rtol=1e-3)
+    # with the student held, the critic learns the distribution of its rollouts
+    records = _run("asd", {"critic": critic}, step(student, critic), tmp_path / "fall", 30)
+    _falls(records, "critic")
+
+    straight_s, straight_c = models()
+    _run("asd", {"dit": straight_s, "critic": straight_c}, step(straight_s, straight_c), tmp_path / "a", 4)
+    first_s, first_c = models()
+    inner = step(first_s, first_c)
+
+    def crashing(i, g):
+        if i == 3:
+            raise KeyboardInterrupt
+        return inner(i, g)
+
+    with pytest.raises(KeyboardInterrupt):
+        _run("asd", {"dit": first_s, "critic": first_c}, crashing, tmp_path / "b", 4, save_every=2)
+    s, c = models()
+    assert [r["step"] for r in _run("asd", {"dit": s, "critic": c}, step(s, c), tmp_path / "b", 4, save_every=2)] \
+        == [3, 4]
+    for a, b in ((straight_s, s), (straight_c, c)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), name
 
 
 def test_an_audio_backbone_stays_frozen_in_every_stage(tmp_path, capsys):
