@@ -348,6 +348,20 @@ def test_distill_with_dmd_exports_the_student_alone(tmp_path, capsys):
         assert any(k.startswith("critic") for k in f.keys())
 
 
+def replay_chunk_one_renoising(c, out, seed):
+    """Chunk 1's asynchronous x_t (t_ctx 0.1, t_j ~ U(0.2, 0.7)) drawn by hand from the generator's sequence,
+    as the ASD/DMD code draws it after chunk 0: (x_t, t, t broadcast to the latent)."""
+    from rest_model.asd import asynchronous_times
+    k = c.stream.chunk_frames
+    g = torch.Generator().manual_seed(seed)
+    for j in range(2):
+        t_j = 0.2 + 0.5 * torch.rand(1, generator=g)
+        e = torch.randn(1, c.latent_channels, (j + 1) * k, c.latent_size, c.latent_size, generator=g)
+    t = asynchronous_times(out.shape[2], k, 1, 0.1, t_j)
+    tt = t[:, None, :, None, None]
+    return (1 - tt) * out[:, :, :2 * k] + tt * e, t, tt
+
+
 @torch.no_grad()
 def test_asd_target_is_the_teachers_solve_under_the_asynchronous_schedule(tiny):
     """One solve step is the teacher's denoised estimate x_t - t_j v with earlier chunks at t_ctx and
@@ -359,14 +373,7 @@ def test_asd_target_is_the_teachers_solve_under_the_asynchronous_schedule(tiny):
     n = 3 * k
     out, windows, ref = latent(c, n), audio_features(c, n), latent(c, 1, 1)
     one = asd_targets(teacher, out, ref, windows, torch.Generator().manual_seed(3), 0.1, 0.2, 0.7, solve_steps=1)
-    # replay the same draws by hand for chunk 1
-    g = torch.Generator().manual_seed(3)
-    for j in range(2):
-        t_j = 0.2 + 0.5 * torch.rand(1, generator=g)
-        e = torch.randn(1, c.latent_channels, (j + 1) * k, c.latent_size, c.latent_size, generator=g)
-    t = asynchronous_times(n, k, 1, 0.1, t_j)
-    tt = t[:, None, :, None, None]
-    xt = (1 - tt) * out[:, :, :2 * k] + tt * e
+    xt, t, tt = replay_chunk_one_renoising(c, out, seed=3)
     want = (xt - tt * teacher(xt, t, windows[:, :2 * k], ref))[:, :, k:2 * k]
     torch.testing.assert_close(one[:, :, k:2 * k], want, atol=1e-5, rtol=1e-5)
     # a later chunk of the student's rollout changes no earlier target (the teacher sees chunks <= j)
@@ -385,7 +392,7 @@ def test_dmd_direction_is_the_difference_of_the_critics_and_the_teachers_estimat
     """d_j = (x0_fake - x0_real) / mean|x_j - x0_real| at the asynchronous x_t; zero while the critic is the
     teacher (at guidance 1), guidance alone makes it non-zero, and chunk j's d ignores later chunks."""
     import copy
-    from rest_model.asd import asynchronous_times, dmd_terms
+    from rest_model.asd import dmd_terms
     from rest_model.sampler import audio_guided
     _, teacher = tiny
     c = teacher.cfg
@@ -399,13 +406,7 @@ def test_dmd_direction_is_the_difference_of_the_critics_and_the_teachers_estimat
                                          0.1, 0.2, 0.7, guidance=3.0)[0]) > 0
     critic = random_model("tiny", seed=7)[1]
     d, _ = dmd_terms(teacher, critic, out, ref, windows, torch.Generator().manual_seed(3), 0.1, 0.2, 0.7, 2.0)
-    g = torch.Generator().manual_seed(3)  # replay the draws by hand for chunk 1
-    for j in range(2):
-        t_j = 0.2 + 0.5 * torch.rand(1, generator=g)
-        e = torch.randn(1, c.latent_channels, (j + 1) * k, c.latent_size, c.latent_size, generator=g)
-    t = asynchronous_times(n, k, 1, 0.1, t_j)
-    tt = t[:, None, :, None, None]
-    xt = (1 - tt) * out[:, :, :2 * k] + tt * e
+    xt, t, tt = replay_chunk_one_renoising(c, out, seed=3)
     real = (xt - tt * audio_guided(teacher, xt, t, windows[:, :2 * k], ref, 2.0))[:, :, k:]
     fake = (xt - tt * critic(xt, t, windows[:, :2 * k], ref))[:, :, k:]
     want = (fake - real) / (out[:, :, k:2 * k] - real).abs().mean()
