@@ -27,7 +27,8 @@ student's chunks along the difference between two scores at the same asynchronou
     x0_real = x_t - t_j v_T(x_t)          the teacher (with audio guidance): where data lies
     x0_fake = x_t - t_j v_C(x_t)          a critic C that tracks the student's own outputs
     d_j     = (x0_fake - x0_real) / mean|x^S_j - x0_real|          (DMD's per-sample normalisation)
-    L_DMD   = sum_j || x^S_j - stopgrad(x^S_j - d_j) ||^2 / 2      (its gradient is d_j)
+    L_DMD   = || x^S - stopgrad(x^S - d) ||^2 / 2     (mouth-weighted mean over cells, as the ASD term; its
+                                                     gradient is d per cell, scaled by the same weights)
 
 The critic starts as a copy of the teacher (so d = 0 until the student's distribution moves away from the
 teacher's, at guidance 1) and learns by flow matching on the student's detached chunks under the same
@@ -36,11 +37,12 @@ several; the two losses share one optimiser step because neither reaches the oth
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
 
-from . import checkpoint, distributed
+from . import distributed
 from .init_student import load_student_stage, student_rollout, teacher_forced_fm
 from .sampler import audio_guided, flow_schedule
 from .train_teacher import encode_batch
@@ -130,6 +132,8 @@ def asd_loss(student, teacher, vae, batch, margin, g, t_ctx: float = 0.1, t_min:
     real = teacher_forced_fm(student, x0, ref, ws, g, weights)
     loss, logs = asd + real_weight * real, {"asd": asd.item(), "fm": real.item()}
     if critic is not None and dmd_weight > 0:
+        # the critic hears the teacher's windows: a copy of the teacher whose audio front end these losses never
+        # reach, so its own windows would be the same
         d, critic_loss = dmd_terms(teacher, critic, out.detach(), ref, wt, g, t_ctx, t_min, t_max, guidance, weights)
         dmd = 0.5 * weighted_mse(out, (out - d).detach(), weights)
         loss = loss + dmd_weight * dmd + critic_loss
@@ -139,19 +143,22 @@ def asd_loss(student, teacher, vae, batch, margin, g, t_ctx: float = 0.1, t_min:
 
 @distributed.launched
 def cmd_distill(args) -> int:
+    if args.dmd_weight < 0:
+        raise ValueError(f"--dmd-weight must be >= 0, got {args.dmd_weight}")
     vae, teacher, student = load_student_stage(args, args.student)
     draw, margin = clip_sampler(args, student.cfg)
     weights = latent_mouth_weights(student.cfg, args.mouth_weight)
-    if args.dmd_weight < 0:
-        raise ValueError(f"--dmd-weight must be >= 0, got {args.dmd_weight}")
-    # the critic starts as the teacher; it is trained, and saved in the run's snapshot, but never exported
-    critic = make_trainable(checkpoint.load_dit(args.teacher, args.device)) if args.dmd_weight > 0 else None
+    models = {"dit": student}
+    if args.dmd_weight > 0:
+        # the critic starts as the teacher; it is trained, and saved in the run's snapshot, but never exported
+        models["critic"] = make_trainable(copy.deepcopy(teacher))
+    critic = models.get("critic")
 
     def step(i, g):
         return asd_loss(student, teacher, vae, draw(g), margin, g, args.t_ctx, args.t_min, args.t_max,
                         args.real_weight, args.solve_steps, weights, args.audio_guidance, critic, args.dmd_weight)
 
-    train_loop("asd", {"dit": student} | ({"critic": critic} if critic is not None else {}), step, args.out, loop_config(args),
+    train_loop("asd", models, step, args.out, loop_config(args),
                lambda: export_model(student, os.path.join(args.out, "student_asd.safetensors")))
     return 0
 
