@@ -34,6 +34,11 @@ The critic starts as a copy of the teacher (so d = 0 until the student's distrib
 teacher's, at guidance 1) and learns by flow matching on the student's detached chunks under the same
 asynchronous schedule, L_C = || v_C(x_t) - (e - x^S_j) ||^2, one critic update per student update (DMD2 uses
 several; the two losses share one optimiser step because neither reaches the other's weights).
+
+Optional lip-sync term (`sync_weight`, with a frozen expert from `train-sync`): the expert scores the student's
+rollout against the clip's audio, L = sync_weight * L_sync (rest_model.sync_expert), its gradient reaching the
+student's chunks through the same last Euler step as the ASD term. Regression onto the teacher can teach no more
+lip-sync than the teacher has; the expert judges the timing of the student's own mouths against the audio.
 """
 from __future__ import annotations
 
@@ -45,6 +50,8 @@ import torch
 from . import distributed
 from .init_student import load_student_stage, student_rollout, teacher_forced_fm
 from .sampler import audio_guided, flow_schedule
+from .sync_expert import check_fits, sync_loss
+from .train_sync import load_expert
 from .train_teacher import encode_batch
 from .training import (add_audio_guidance_arg, add_common_args, add_mouth_weight_arg, clip_audio_windows,
                        clip_sampler, export_model, latent_mouth_weights, loop_config, make_trainable, train_loop,
@@ -117,7 +124,8 @@ def dmd_terms(teacher, critic, student_out, ref, windows, g, t_ctx: float, t_min
 
 def asd_loss(student, teacher, vae, batch, margin, g, t_ctx: float = 0.1, t_min: float = 0.2,
              t_max: float = 0.7, real_weight: float = 0.25, solve_steps: int = 1,
-             weights=None, guidance: float = 1.0, critic=None, dmd_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+             weights=None, guidance: float = 1.0, critic=None, dmd_weight: float = 0.0, expert=None,
+             sync_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     device = next(student.parameters()).device
     x0, ref = encode_batch(vae, batch, device)
     n = x0.shape[2]
@@ -138,15 +146,27 @@ def asd_loss(student, teacher, vae, batch, margin, g, t_ctx: float = 0.1, t_min:
         dmd = 0.5 * weighted_mse(out, (out - d).detach(), weights)
         loss = loss + dmd_weight * dmd + critic_loss
         logs |= {"dmd": dmd.item(), "critic": critic_loss.item()}
+    if expert is not None and sync_weight > 0:
+        sync, sync_logs = sync_loss(expert, out, batch["audio"].to(device), margin)
+        loss = loss + sync_weight * sync
+        logs |= sync_logs
     return loss, logs
 
 
 @distributed.launched
 def cmd_distill(args) -> int:
-    if args.dmd_weight < 0:
-        raise ValueError(f"--dmd-weight must be >= 0, got {args.dmd_weight}")
+    for flag in ("dmd_weight", "sync_weight"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if (args.sync_weight > 0) != bool(args.sync_expert):
+        raise ValueError("--sync-weight and --sync-expert go together: the lip-sync term needs an expert "
+                         "(python -m rest_model train-sync) and a weight > 0")
     vae, teacher, student = load_student_stage(args, args.student)
-    draw, margin = clip_sampler(args, student.cfg)
+    expert = None
+    if args.sync_expert:
+        expert = load_expert(args.sync_expert, vae.cfg, args.device)
+        check_fits(expert.cfg, student.cfg, "student")
+    draw, margin = clip_sampler(args, student.cfg, expert.cfg.margin if expert is not None else 0)
     weights = latent_mouth_weights(student.cfg, args.mouth_weight)
     models = {"dit": student}
     if args.dmd_weight > 0:
@@ -156,7 +176,8 @@ def cmd_distill(args) -> int:
 
     def step(i, g):
         return asd_loss(student, teacher, vae, draw(g), margin, g, args.t_ctx, args.t_min, args.t_max,
-                        args.real_weight, args.solve_steps, weights, args.audio_guidance, critic, args.dmd_weight)
+                        args.real_weight, args.solve_steps, weights, args.audio_guidance, critic, args.dmd_weight,
+                        expert, args.sync_weight)
 
     train_loop("asd", models, step, args.out, loop_config(args),
                lambda: export_model(student, os.path.join(args.out, "student_asd.safetensors")))
@@ -173,6 +194,9 @@ def register(sub):
     p.add_argument("--real-weight", type=float, default=0.25, help="teacher-forced flow matching on real clips")
     p.add_argument("--dmd-weight", type=float, default=0.0, help="weight of the distribution-matching (DMD) term, "
                    "with a critic initialised from the teacher and trained alongside (default 0 = off)")
+    p.add_argument("--sync-expert", help="lip-sync expert (.safetensors from train-sync) for the --sync-weight term")
+    p.add_argument("--sync-weight", type=float, default=0.0, help="weight of the lip-sync expert's loss on the "
+                   "student's rollout (default 0 = off)")
     add_mouth_weight_arg(p)
     add_audio_guidance_arg(p)
     p.set_defaults(fn=cmd_distill)

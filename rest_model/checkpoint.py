@@ -10,14 +10,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import DiTConfig, VAEConfig, check_compatible, from_json, to_json
+from .config import DiTConfig, SyncExpertConfig, VAEConfig, check_compatible, from_json, to_json
 from .dit import CausalDiT
+from .sync_expert import SyncExpert
 from .vae import CausalVAE
 
 FORMAT = "rest-node-pack"
 FORMAT_VERSION = 1
-KINDS = {"vae": (VAEConfig, CausalVAE), "dit": (DiTConfig, CausalDiT)}
-NAMES = {"vae": "REST VAE", "dit": "causal DiT"}
+KINDS = {"vae": (VAEConfig, CausalVAE), "dit": (DiTConfig, CausalDiT), "sync": (SyncExpertConfig, SyncExpert)}
+NAMES = {"vae": "REST VAE", "dit": "causal DiT", "sync": "lip-sync expert"}
 
 
 class CheckpointError(ValueError):

@@ -26,7 +26,7 @@ DEMO_PORTRAIT = ROOT / "assets" / "portrait.png"
 DEMO_SPEECH = ROOT / "assets" / "speech.wav"
 # modules that add sub-commands: each has register(subparsers), adding parsers with set_defaults(fn=...)
 SUBCOMMANDS: list[str] = ["rest_model.train_vae", "rest_model.train_teacher", "rest_model.init_student",
-                         "rest_model.asd", "rest_model.synth", "rest_model.data", "rest_model.evaluate"]
+                         "rest_model.asd", "rest_model.train_sync", "rest_model.synth", "rest_model.data", "rest_model.evaluate"]
 
 
 def random_model(preset_name: str, seed: int = 0) -> tuple[CausalVAE, CausalDiT]:

@@ -148,6 +148,68 @@ class DiTConfig:
 
 
 @dataclass
+class SyncExpertConfig:
+    """Lip-sync expert over VAE latents (rest_model.sync_expert): the latent layout and audio rate it was trained
+    for, and the size of what it judges: `span` latent frames of the latent cells around the mouth against the
+    log-mel of the same video frames plus `pad` frames each side, the audio shifted by up to `max_shift` frames."""
+    resolution: int = 128
+    fps: int = 25
+    latent_channels: int = 16
+    spatial_compression: int = 16
+    temporal_compression: int = 4
+    samples_per_frame: int = 640
+    span: int = 3  # latent frames per judged window (odd: centred on the frame it scores)
+    pad: int = 2  # video frames of audio on each side beyond the span's own
+    max_shift: int = 8  # the misaligned candidates: audio shifted by +-shift_step..max_shift video frames
+    shift_step: int = 2
+    n_mels: int = 40
+    mels_per_frame: int = 4
+    n_fft: int = 400
+    hidden: int = 512
+    dim: int = 128  # embedding width of both towers
+
+    def __post_init__(self):
+        if self.span < 1 or self.span % 2 == 0:
+            raise ValueError(f"span {self.span} must be an odd number of latent frames")
+        if self.samples_per_frame % self.mels_per_frame:
+            raise ValueError("samples_per_frame must be a multiple of mels_per_frame")
+        if not 0 < self.shift_step <= self.max_shift:
+            raise ValueError(f"need 0 < shift_step {self.shift_step} <= max_shift {self.max_shift}")
+        if self.resolution % self.spatial_compression:
+            raise ValueError(f"resolution {self.resolution} is not a multiple of the spatial compression "
+                             f"{self.spatial_compression}")
+        if self.n_fft > self.window_frames * self.samples_per_frame:
+            raise ValueError(f"n_fft {self.n_fft} is longer than the audio window")
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.spatial_compression
+
+    @property
+    def window_frames(self) -> int:
+        """Video frames of audio in one judged window."""
+        return self.span * self.temporal_compression + 2 * self.pad
+
+    @property
+    def margin(self) -> int:
+        """Video frames of audio needed beyond a clip's ends to judge its first and last windows at every shift."""
+        return self.pad + self.max_shift
+
+    @property
+    def shifts(self) -> tuple[int, ...]:
+        """Audio shifts of the candidates in video frames, the aligned one (0) in the middle."""
+        k = self.max_shift // self.shift_step
+        return tuple(i * self.shift_step for i in range(-k, k + 1))
+
+
+def sync_expert_config(vae: VAEConfig, dit: "DiTConfig", **kw) -> SyncExpertConfig:
+    """An expert for the latents of this VAE at the DiT's resolution, frame rate and audio rate."""
+    kw.setdefault("hidden", min(2 * dit.dim, 1024))  # sized with the DiT it judges: small for tests, wide for base
+    return SyncExpertConfig(resolution=dit.resolution, fps=dit.fps, samples_per_frame=dit.audio.samples_per_frame,
+                            **_layout(vae), **kw)
+
+
+@dataclass
 class Preset:
     name: str
     vae: VAEConfig

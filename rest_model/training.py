@@ -334,9 +334,10 @@ def training_data(root: str, cfg: DiTConfig, frames: int, margin: int = 0) -> Cl
     return data
 
 
-def clip_sampler(args, cfg: DiTConfig) -> tuple[Callable[[torch.Generator], dict], int]:
-    """A DiT stage's batches from --data/--batch/--chunks: (draw(g) -> batch, audio margin in frames)."""
-    margin = audio_margin(cfg)
+def clip_sampler(args, cfg: DiTConfig, min_margin: int = 0) -> tuple[Callable[[torch.Generator], dict], int]:
+    """A DiT stage's batches from --data/--batch/--chunks: (draw(g) -> batch, audio margin in frames), the margin
+    at least `min_margin` (what a lip-sync expert needs)."""
+    margin = max(audio_margin(cfg), min_margin)
     data = training_data(args.data, cfg, clip_frames(cfg, args.chunks), margin)
     return (lambda g: sample_batch(data, args.batch, g)), margin
 
