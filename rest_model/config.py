@@ -106,13 +106,27 @@ class StreamConfig:
 
 
 @dataclass
-class DiTConfig:
-    """Causal DiT over VAE latent tokens. Holds the latent layout it was trained for."""
+class LatentLayout:
+    """What a model over a VAE's latents was trained for: the video's size and rate, and the latent layout."""
     resolution: int = 128  # video H = W
     fps: int = 25
     latent_channels: int = 16
     spatial_compression: int = 16
     temporal_compression: int = 4
+
+    def __post_init__(self):
+        if self.resolution % self.spatial_compression:
+            raise ValueError(f"resolution {self.resolution} is not a multiple of the spatial compression "
+                             f"{self.spatial_compression}")
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.spatial_compression
+
+
+@dataclass
+class DiTConfig(LatentLayout):
+    """Causal DiT over VAE latent tokens. Holds the latent layout it was trained for."""
     dim: int = 256
     depth: int = 8
     heads: int = 4
@@ -129,13 +143,7 @@ class DiTConfig:
             self.stream = StreamConfig(**self.stream)
         if self.dim % self.heads or (self.dim // self.heads) % 16:
             raise ValueError(f"dim {self.dim} / heads {self.heads} must give a head size divisible by 16 (3D rotary split)")
-        if self.resolution % self.spatial_compression:
-            raise ValueError(f"resolution {self.resolution} is not a multiple of the spatial compression "
-                             f"{self.spatial_compression}")
-
-    @property
-    def latent_size(self) -> int:
-        return self.resolution // self.spatial_compression
+        super().__post_init__()
 
     @property
     def tokens_per_frame(self) -> int:
@@ -148,15 +156,10 @@ class DiTConfig:
 
 
 @dataclass
-class SyncExpertConfig:
+class SyncExpertConfig(LatentLayout):
     """Lip-sync expert over VAE latents (rest_model.sync_expert): the latent layout and audio rate it was trained
     for, and the size of what it judges: `span` latent frames of the latent cells around the mouth against the
     log-mel of the same video frames plus `pad` frames each side, the audio shifted by up to `max_shift` frames."""
-    resolution: int = 128
-    fps: int = 25
-    latent_channels: int = 16
-    spatial_compression: int = 16
-    temporal_compression: int = 4
     samples_per_frame: int = 640
     span: int = 3  # latent frames per judged window (odd: centred on the frame it scores)
     pad: int = 2  # video frames of audio on each side beyond the span's own
@@ -175,15 +178,9 @@ class SyncExpertConfig:
             raise ValueError("samples_per_frame must be a multiple of mels_per_frame")
         if not 0 < self.shift_step <= self.max_shift:
             raise ValueError(f"need 0 < shift_step {self.shift_step} <= max_shift {self.max_shift}")
-        if self.resolution % self.spatial_compression:
-            raise ValueError(f"resolution {self.resolution} is not a multiple of the spatial compression "
-                             f"{self.spatial_compression}")
+        super().__post_init__()
         if self.n_fft > self.window_frames * self.samples_per_frame:
             raise ValueError(f"n_fft {self.n_fft} is longer than the audio window")
-
-    @property
-    def latent_size(self) -> int:
-        return self.resolution // self.spatial_compression
 
     @property
     def window_frames(self) -> int:
