@@ -72,4 +72,5 @@ def register(sub):
     add_common_args(p, needs=("vae",))
     p.add_argument("--max-shift", type=int, default=8, help="largest audio shift (video frames) it must tell apart "
                    "from the aligned audio")
-    p.set_defaults(fn=cmd_train_sync)
+    # a small contrastive model learns faster than the DiT stages, and wants many clips per batch for its negatives
+    p.set_defaults(fn=cmd_train_sync, steps=600, lr=1e-3, batch=16, chunks=4)

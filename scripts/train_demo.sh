@@ -21,16 +21,21 @@
 #  5. Phase 4 again, but the student init learns the guided teacher's solves (--audio-guidance 4, as ASD does),
 #     and then the VAE's decoder splits a latent frame into its two frames at its level 2 and draws each apart
 #     (--decoder-split-level 2), fine-tuned decoder-only for 1,000 steps from phase 4's VAE: the latents, and
-#     so the DiT trained on them, stay phase 4's (about 2.5 hours on 2 CPU cores). This script runs phase 5; it
-#     takes phase 3's files from git history instead of training phases 1 to 3 again.
+#     so the DiT trained on them, stay phase 4's (about 2.5 hours on 2 CPU cores): shipped at commit a367228.
+#  6. A lip-sync expert trained on the latents of phase 5's VAE (train-sync, 600 steps), and 300 more ASD steps of
+#     phase 5's student with the expert's loss added (--sync-weight 0.1): about 50 minutes on 2 CPU cores.
+# This script runs phases 5 and 6; it takes phase 3's files from git history instead of training phases 1 to 3
+# again.
 # Every stage spends extra loss weight on the mouth region (--mouth-weight): lip-sync lives in a few pixels
 # (VAE) and a few latent cells (DiT stages) that an unweighted loss leaves for last.
 # Every stage resumes from its last snapshot, so re-running this after an interruption continues. The VAE and
 # teacher write to RUN_DIR/phase4 (phase 5 trains them as phase 4 did), the student stages to
-# RUN_DIR/phase4/guided-student and the decoder split to RUN_DIR/phase4/decoder-split: never the folders of an
-# earlier version of this script, so a finished stage of another phase is never resumed as this one.
+# RUN_DIR/phase4/guided-student, the decoder split to RUN_DIR/phase4/decoder-split and phase 6 to RUN_DIR/phase6:
+# never the folders of an earlier version of this script, so a finished stage of another phase is never resumed
+# as this one.
 #   bash scripts/train_demo.sh [RUN_DIR]      (default runs/demo)
-# Step counts can be overridden: VAE_STEPS, TEACHER_STEPS, STUDENT_STEPS, ASD_STEPS, SPLIT_STEPS.
+# Step counts can be overridden: VAE_STEPS, TEACHER_STEPS, STUDENT_STEPS, ASD_STEPS, SPLIT_STEPS, SYNC_STEPS,
+# SYNC_ASD_STEPS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/demo}
@@ -77,4 +82,16 @@ mkdir -p models/demo
 # float16 storage halves the files (the loaders cast back to float32)
 $PY -m rest_model export --in "$SPLIT/rest_vae.safetensors" --out models/demo/rest_vae_demo.safetensors
 $PY -m rest_model export --in "$STUDENT/student_asd.safetensors" --out models/demo/rest_dit_demo.safetensors
-echo "demo model -> models/demo/ (split VAE + ASD student); teacher and unsplit VAE in $CKPT, pre-ASD student in $STUDENT"
+# phase 6: a lip-sync expert over the shipped VAE's latents, then 300 more ASD steps of phase 5's shipped (float16)
+# student with the expert's loss added (--sync-weight 0.1): regression onto the teacher alone stops at its lip-sync
+P6="$RUN/phase6"
+mkdir -p "$P6"
+[ -s "$P6/phase5_student.safetensors" ] || cp models/demo/rest_dit_demo.safetensors "$P6/phase5_student.safetensors"
+$PY -m rest_model train-sync --data "$RUN/data" --preset demo --save-every 100 --out "$P6" \
+    --vae models/demo/rest_vae_demo.safetensors --steps "${SYNC_STEPS:-600}"
+$PY -m rest_model distill "${common[@]}" "${dit[@]}" --out "$P6" --vae models/demo/rest_vae_demo.safetensors \
+    --teacher "$CKPT/teacher.safetensors" --student "$P6/phase5_student.safetensors" --steps "${SYNC_ASD_STEPS:-300}" \
+    --batch 4 --chunks 3 --lr 1e-4 --audio-guidance 4 --sync-expert "$P6/sync_expert.safetensors" --sync-weight 0.1
+$PY -m rest_model export --in "$P6/student_asd.safetensors" --out models/demo/rest_dit_demo.safetensors
+echo "demo model -> models/demo/ (split VAE + ASD student with the lip-sync term); teacher and unsplit VAE in $CKPT,"
+echo "pre-ASD student in $STUDENT, phase 5's ASD student and the lip-sync expert in $P6"
