@@ -152,3 +152,17 @@ def test_train_sync_and_distill_with_its_expert_from_the_command_line(tmp_path, 
     logs = [json.loads(line) for line in (run / "asd.log.jsonl").read_text().splitlines()]
     assert logs and all({"sync", "sync_acc"} <= r.keys() for r in logs)
     checkpoint.load_pair(tmp_path / "v.safetensors", run / "student_asd.safetensors")
+
+
+def test_an_expert_refuses_a_model_of_another_layout_frame_rate_or_audio_rate():
+    from rest_model.sync_expert import check_fits
+    p = preset("tiny")
+    c = sync_expert_config(p.vae, p.dit)
+    check_fits(c, p.vae, "VAE"), check_fits(c, p.dit, "student")
+    other = preset("tiny").dit
+    other.fps, other.audio.samples_per_frame = 30, 400
+    with pytest.raises(ValueError, match=r"does not fit the student \(fps: expert 25 vs student 30; "
+                                         r"samples_per_frame: expert 640 vs student 400\)"):
+        check_fits(c, other, "student")
+    with pytest.raises(ValueError, match="latent_channels: expert 8 vs VAE 64"):
+        check_fits(c, preset("demo").vae, "VAE")
