@@ -32,12 +32,10 @@ def heldout_accuracy(expert: SyncExpert, vae, root: str, frames: int, batches: i
     except ValueError:
         return None
     device = next(expert.parameters()).device
-    was, logs = expert.training, []
-    expert.eval()
+    logs = []
     for i in range(batches):
         b = sample_batch(data, batch, torch.Generator().manual_seed(i))
         logs.append(sync_loss(expert, vae.encode(b["video"].to(device)), b["audio"].to(device), expert.cfg.margin)[1])
-    expert.train(was)
     return {"accuracy": sum(r["sync_acc"] for r in logs) / batches, "chance": 1 / len(expert.cfg.shifts),
             "loss": sum(r["sync"] for r in logs) / batches}
 
