@@ -11,8 +11,10 @@ model and for the ground truth:
 - temporal stability: flicker (mean absolute frame-to-frame change, 0-255) inside the regions that
   stand still in the ground-truth clip (background, shoulders);
 - identity retention over a long stream: the test clips' speech played back to back for --minutes
-  (default 10), streamed from one portrait; face-region PSNR/SSIM to the portrait over the first
-  second and over the last second, lip-sync over the last 10 s, and the generation speed.
+  (default 10), streamed from one portrait, its last 10 s a replay of its first 10 s; face-region
+  PSNR/SSIM to the portrait and lip-sync over those two windows, the drift (the PSNR lost from the
+  first window to the last, frame by frame on the same speech, with its standard error), and the
+  generation speed.
 
 The teacher (--teacher, one of the --dit files) is sampled the non-streaming way (the whole clip in
 one bidirectional sequence, --teacher-steps Euler steps, audio guidance --teacher-guidance) and has
@@ -45,7 +47,7 @@ from .streamer import AudioSource, stream
 
 SHIFTS_S = (-0.5, -0.25, -0.12, 0.12, 0.25, 0.5)
 PROBE_CLIPS = 32  # training clips the latent probe is fit on
-LAST_SYNC_S = 10.0  # lip-sync after the long stream is measured over its last this many seconds
+DRIFT_WINDOW_S = 10.0  # the long stream is judged over its first and last this many seconds (the same speech)
 
 
 @dataclass
@@ -183,28 +185,52 @@ def generate_teacher(vae, dit, portrait: torch.Tensor, wave: np.ndarray, sr: int
     return _to_uint8(video[:n_frames])
 
 
+def long_stream_audio(waves: list[np.ndarray], sr: int, fps: int, minutes: float,
+                      window_s: float = DRIFT_WINDOW_S) -> tuple[np.ndarray, int, int]:
+    """The long stream's speech: the test clips' speech back to back for `minutes`, its last window a replay of
+    its first, so that identity and lip-sync at the start and at the end are judged on the same speech (an
+    open mouth lowers face PSNR to the closed-mouthed portrait, so other speech at the end would read as drift).
+    -> (wave, frames per window, frame at which the replay starts)."""
+    spf = sr // fps
+    total = int(minutes * 60 * fps)
+    if total < 2:
+        raise ValueError(f"a long stream of {minutes:g} min is under 2 frames at {fps} fps")
+    window = min(int(window_s * fps), total // 2)
+    body = total - window
+    if not any(w.size for w in waves):
+        raise ValueError("the test clips have no speech to stream")
+    loop, n = [], 0
+    while n < body * spf:
+        for w in waves:
+            loop.append(w)
+            n += w.size
+    loop = np.concatenate(loop)
+    return np.concatenate([loop[:body * spf], loop[:window * spf]]), window, body
+
+
+def paired_drift(start: np.ndarray, end: np.ndarray, fps: int) -> tuple[float, float]:
+    """mean(end - start) of per-frame scores over two windows of the same speech, and its standard error over
+    one-second blocks (neighbouring frames are far from independent; seconds are close to it)."""
+    d = np.asarray(end, np.float64) - np.asarray(start, np.float64)
+    blocks = len(d) // fps
+    se = float(d[:blocks * fps].reshape(blocks, fps).mean(1).std(ddof=1) / math.sqrt(blocks)) if blocks >= 2 \
+        else float("nan")
+    return float(d.mean()), se
+
+
 @torch.no_grad()
 def long_stream(vae, dit, clips: list[TestClip], sr: int, minutes: float, seed: int = 0,
                 progress: bool = False) -> dict:
-    """Stream `minutes` of the test speech from the first clip's portrait; measure the first and last
-    second against the portrait, flicker throughout, lip-sync over the last seconds. Frames are
-    consumed as they come: memory stays flat however long the stream."""
+    """Stream `minutes` of the test speech from the first clip's portrait; compare its first and last windows
+    (the same speech: `long_stream_audio`) to the portrait, per frame, and their lip-sync; flicker
+    throughout. Frames are consumed as they come: memory stays flat however long the stream."""
     fps = dit.cfg.fps
-    need = int(minutes * 60 * sr)
-    pieces, total = [], 0
-    while total < need:
-        for c in clips:
-            pieces.append(c.audio[: need - total])
-            total += pieces[-1].size
-            if total >= need:
-                break
-    wave = np.concatenate(pieces)
+    wave, window, replay = long_stream_audio([c.audio for c in clips], sr, fps, minutes)
     ref_clip = clips[0]
     portrait = portrait_of(ref_clip)
     ref_u8 = ref_clip.frames[0]
-    keep = max(1, fps)  # one second
-    tail = collections.deque(maxlen=max(int(LAST_SYNC_S * fps), keep))
     head: list[np.ndarray] = []
+    tail: list[np.ndarray] = []
     meter = metrics.FlickerMeter(ref_clip.mask)
     n, t0 = 0, time.perf_counter()
     n_total = -(-wave.size * fps // sr)
@@ -212,26 +238,31 @@ def long_stream(vae, dit, clips: list[TestClip], sr: int, minutes: float, seed: 
         frames = _to_uint8(chunk.frames)
         meter.update(frames)
         for f in frames:
-            if len(head) < keep:
+            if n < window:
                 head.append(f)
-            tail.append(f)
-        n += len(frames)
+            elif replay <= n < replay + window:
+                tail.append(f)
+            n += 1
         if progress:
             print(f"\r  long stream: {n / fps / 60:.2f}/{minutes:g} min ({n / (time.perf_counter() - t0):.1f} fps)",
                   end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
     dt = time.perf_counter() - t0
-    start = metrics.face_similarity(np.stack(head), ref_u8)
-    last = np.stack(list(tail))
-    end = metrics.face_similarity(last[-keep:], ref_u8)
+    if len(tail) != window:
+        raise RuntimeError(f"the long stream gave {n} frames, {n_total} expected: its last window is incomplete")
     spf = sr // fps
-    a0 = (n - len(last)) * spf
-    sync_end = metrics.lip_sync(last, wave[a0:a0 + len(last) * spf], sr, fps) if len(last) >= 16 else None
-    return {"id_psnr_start": start["psnr"], "id_ssim_start": start["ssim"], "id_psnr_end": end["psnr"],
-            "id_ssim_end": end["ssim"], "sync_end": sync_end.score if sync_end else float("nan"),
-            "long_flicker": meter.value, "long_minutes": n / fps / 60, "long_fps": n / dt,
-            "long_frames": n, "expected_frames": int(n_total)}
+    speech = wave[: window * spf]
+    out = {"long_flicker": meter.value, "long_minutes": n / fps / 60, "long_fps": n / dt, "long_frames": n,
+           "expected_frames": int(n_total), "drift_window_s": window / fps}
+    psnr = {}
+    for at, frames in (("start", np.stack(head)), ("end", np.stack(tail))):
+        psnr[at] = [metrics.psnr(f, ref_u8, metrics.FACE_BOX) for f in frames]
+        out[f"id_psnr_{at}"] = float(np.mean(psnr[at]))
+        out[f"id_ssim_{at}"] = metrics.face_similarity(frames, ref_u8)["ssim"]
+        out[f"sync_{at}"] = metrics.lip_sync(frames, speech, sr, fps).score if window >= 16 else float("nan")
+    out["id_drift"], out["id_drift_se"] = paired_drift(psnr["start"], psnr["end"], fps)
+    return out
 
 
 def _video(vae, frames: np.ndarray) -> torch.Tensor:
@@ -301,6 +332,12 @@ def _fmt(v, spec=".3f"):
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def _drift(r: dict) -> str:
+    if r.get("id_drift") is None:
+        return "-"
+    return f"{r['id_drift']:+.2f}+-{_fmt(r.get('id_drift_se'), '.2f')}"
+
+
 def format_report(check: dict, rows: list[dict], minutes: float) -> str:
     lines = ["metric check on ground-truth test clips:",
              f"  lip-sync at true alignment {check['gt_sync']:.3f} (min {check['gt_sync_min']:.3f}); "
@@ -310,16 +347,20 @@ def format_report(check: dict, rows: list[dict], minutes: float) -> str:
              f"{100 * check['shift_within_1_frame']:.0f}% within one frame", ""]
     head = (f"{'model':<28} {'kind':<24} {'sync':>6} {'chance':>6} {'|off|':>5} {'conf':>6} {'in-grp':>6} "
             f"{'flicker':>7} "
-            f"{'PSNR@0':>7} {'SSIM@0':>6} {'PSNR@end':>8} {'SSIM@end':>8} {'sync@end':>8} {'fps':>6}")
+            f"{'PSNR@0':>7} {'SSIM@0':>6} {'PSNR@end':>8} {'SSIM@end':>8} {'drift dB':>12} {'sync@0':>6} "
+            f"{'sync@end':>8} {'fps':>6}")
     lines += [f"side by side (clip metrics on {rows[0].get('clips', '?')} held-out clips; "
-              f"@end = after {minutes:g} min of streaming):", head, "-" * len(head)]
+              f"@end = the last "
+              f"{_fmt(next((r['drift_window_s'] for r in rows if r.get('drift_window_s')), None), 'g')} s of "
+              f"{minutes:g} min of streaming):", head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['name'][:28]:<28} {r['kind'][:24]:<24} {_fmt(r['sync']):>6} {_fmt(r.get('sync_chance')):>6} "
                      f"{_fmt(r['abs_offset'], '.1f'):>5} "
                      f"{_fmt(r['confidence']):>6} {_fmt(r.get('mouth_motion_in_group'), '.2f'):>6} "
                      f"{_fmt(r['flicker'], '.2f'):>7} {_fmt(r.get('id_psnr_start'), '.2f'):>7} "
                      f"{_fmt(r.get('id_ssim_start')):>6} {_fmt(r.get('id_psnr_end'), '.2f'):>8} "
-                     f"{_fmt(r.get('id_ssim_end')):>8} {_fmt(r.get('sync_end')):>8} {_fmt(r.get('gen_fps'), '.1f'):>6}")
+                     f"{_fmt(r.get('id_ssim_end')):>8} {_drift(r):>12} {_fmt(r.get('sync_start')):>6} "
+                     f"{_fmt(r.get('sync_end')):>8} {_fmt(r.get('gen_fps'), '.1f'):>6}")
     probe = next((r["latent_probe"] for r in rows if r.get("latent_probe")), None)
     if probe:
         lines += ["", f"mouth openness read linearly from the VAE's latents (fit on {probe['train_clips']} training "
@@ -332,8 +373,10 @@ def format_report(check: dict, rows: list[dict], minutes: float) -> str:
               "share a latent frame, as a fraction of the ground truth's (0: the VAE decodes a latent as one still "
               "frame, and the mouth moves only once per latent; noise counts as motion too, so read it beside "
               "flicker); flicker: mean |frame-to-frame change| (0-255) "
-              "in regions static in the ground truth; PSNR/SSIM: face region vs the portrait over the first / last "
-              "second of the long stream; fps: generation speed of the long stream."]
+              "in regions static in the ground truth; PSNR/SSIM (@0 / @end): face region vs the portrait over the "
+              "first / last window of the long stream, which play the same speech (ground truth: its clip's first "
+              "second); drift: PSNR@end - PSNR@0 +- its standard error over one-second blocks of the paired windows; "
+              "sync@0 / sync@end: lip-sync over those windows; fps: generation speed of the long stream."]
     return "\n".join(lines)
 
 

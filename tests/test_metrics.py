@@ -181,7 +181,7 @@ def test_eval_command_side_by_side(tiny, tiny_dataset, tmp_path, capsys):
     checkpoint.save(dit, tmp_path / "student.safetensors")
     rc = main(["eval", "--vae", str(tmp_path / "vae.safetensors"), "--dit", str(tmp_path / "teacher.safetensors"),
                "--dit", str(tmp_path / "student.safetensors"), "--teacher", "teacher.safetensors",
-               "--data", str(tiny_dataset), "--minutes", "0.04", "--clips", "2", "--teacher-steps", "2",
+               "--data", str(tiny_dataset), "--minutes", "0.08", "--clips", "2", "--teacher-steps", "2",
                "--json", str(tmp_path / "report.json")])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -204,8 +204,47 @@ def test_eval_command_side_by_side(tiny, tiny_dataset, tmp_path, capsys):
     assert len(probe["frames"]) == vae.cfg.temporal_compression and probe["train_clips"] >= 1
     assert all(-1 <= v <= 1 for v in probe["frames"] + [probe["in_group"]]) and "read linearly" in out
     assert "id_psnr_end" not in teacher  # the teacher cannot stream
-    assert student["long_frames"] == student["expected_frames"] == 60  # 0.04 min at 25 fps
-    assert np.isfinite([student["id_psnr_start"], student["id_ssim_end"], student["long_flicker"]]).all()
+    assert student["long_frames"] == student["expected_frames"] == 120  # 0.08 min at 25 fps
+    assert np.isfinite([student["id_psnr_start"], student["id_ssim_end"], student["long_flicker"],
+                        student["sync_start"], student["sync_end"], student["id_drift_se"]]).all()
+    # 120 frames: the first and the last 60 (the same speech) are compared, and the drift is their difference
+    assert student["drift_window_s"] == pytest.approx(60 / 25)
+    assert student["id_drift"] == pytest.approx(student["id_psnr_end"] - student["id_psnr_start"])
+    assert f"{student['id_drift']:+.2f}+-" in out and "sync@0" in out
+
+
+def test_long_stream_replays_its_first_window_at_the_end():
+    from rest_model.evaluate import long_stream_audio
+    rng = np.random.default_rng(0)
+    sr, fps = 16000, 25
+    waves = [rng.normal(size=n).astype(np.float32) for n in (3 * sr + 123, 2 * sr, 5 * sr - 7)]
+    wave, window, replay = long_stream_audio(waves, sr, fps, minutes=0.5, window_s=4)
+    spf = sr // fps
+    assert wave.size == 30 * sr and (window, replay) == (4 * fps, 26 * fps)
+    # the last 4 s are sample for sample the first 4 s; the rest is the clips back to back
+    np.testing.assert_array_equal(wave[replay * spf:], wave[: window * spf])
+    loop = np.concatenate(waves * 3)
+    np.testing.assert_array_equal(wave[: replay * spf], loop[: replay * spf])
+    assert not np.array_equal(wave[replay * spf:], loop[replay * spf: 30 * sr])
+    # a stream shorter than two windows is split in half; one of under 2 frames is refused
+    assert long_stream_audio(waves, sr, fps, minutes=0.05, window_s=10)[1:] == (37, 38)
+    with pytest.raises(ValueError, match="under 2 frames"):
+        long_stream_audio(waves, sr, fps, minutes=0.0005)
+
+
+def test_paired_drift_is_the_mean_difference_with_its_error_over_seconds():
+    from rest_model.evaluate import paired_drift
+    rng = np.random.default_rng(0)
+    start = rng.normal(22, 1, 250)
+    d, se = paired_drift(start, start - 0.5, 25)
+    assert d == pytest.approx(-0.5) and se == pytest.approx(0, abs=1e-12)  # a constant loss has no error
+    # noise around the loss: the error is that of 10 one-second means, and it covers the true -0.5
+    end = start - 0.5 + rng.normal(0, 1, 250)
+    d, se = paired_drift(start, end, 25)
+    blocks = (end - start).reshape(10, 25).mean(1)
+    assert se == pytest.approx(blocks.std(ddof=1) / np.sqrt(10)) and 0 < se < 0.2
+    assert abs(d + 0.5) < 3 * se
+    assert np.isnan(paired_drift(start[:30], end[:30], 25)[1])  # one second gives no error estimate
 
 
 def test_teacher_generation_matches_clip_length(tiny):
