@@ -185,27 +185,33 @@ def generate_teacher(vae, dit, portrait: torch.Tensor, wave: np.ndarray, sr: int
     return _to_uint8(video[:n_frames])
 
 
-def long_stream_audio(waves: list[np.ndarray], sr: int, fps: int, minutes: float,
-                      window_s: float = DRIFT_WINDOW_S) -> tuple[np.ndarray, int, int]:
-    """The long stream's speech: the test clips' speech back to back for `minutes`, its last window a replay of
-    its first, so that identity and lip-sync at the start and at the end are judged on the same speech (an
-    open mouth lowers face PSNR to the closed-mouthed portrait, so other speech at the end would read as drift).
-    -> (wave, frames per window, frame at which the replay starts)."""
+def long_stream_audio(waves: list[np.ndarray], sr: int, fps: int, minutes: float, window_s: float = DRIFT_WINDOW_S,
+                      every_s: float = 60.0) -> tuple[np.ndarray, int, list[int]]:
+    """The long stream's speech: the test clips' speech back to back for `minutes`, with its first window
+    replayed at every `every_s` seconds and as its last window, so that identity and lip-sync are judged on the
+    same speech throughout (an open mouth lowers face PSNR to the closed-mouthed portrait, so other speech
+    later would read as drift). -> (wave, frames per window, the frames at which the windows start: 0 first,
+    the last window last)."""
     spf = sr // fps
     total = int(minutes * 60 * fps)
     if total < 2:
         raise ValueError(f"a long stream of {minutes:g} min is under 2 frames at {fps} fps")
-    window = min(int(window_s * fps), total // 2)
-    body = total - window
     if not any(w.size for w in waves):
         raise ValueError("the test clips have no speech to stream")
+    window = min(int(window_s * fps), total // 2)
+    last = total - window
+    step = max(int(every_s * fps), window)
+    marks = [m for m in range(0, last, step) if m + window <= last] + [last]
     loop, n = [], 0
-    while n < body * spf:
+    while n < total * spf:
         for w in waves:
             loop.append(w)
             n += w.size
     loop = np.concatenate(loop)
-    return np.concatenate([loop[:body * spf], loop[:window * spf]]), window, body
+    first = loop[: window * spf]
+    # the speech between windows runs on through the clips, as if the replays were not there
+    pieces = [np.concatenate([first, loop[(m + window) * spf: nxt * spf]]) for m, nxt in zip(marks, marks[1:])]
+    return np.concatenate(pieces + [first]), window, marks
 
 
 def paired_drift(start: np.ndarray, end: np.ndarray, fps: int) -> tuple[float, float]:
@@ -221,16 +227,18 @@ def paired_drift(start: np.ndarray, end: np.ndarray, fps: int) -> tuple[float, f
 @torch.no_grad()
 def long_stream(vae, dit, clips: list[TestClip], sr: int, minutes: float, seed: int = 0,
                 progress: bool = False) -> dict:
-    """Stream `minutes` of the test speech from the first clip's portrait; compare its first and last windows
-    (the same speech: `long_stream_audio`) to the portrait, per frame, and their lip-sync; flicker
-    throughout. Frames are consumed as they come: memory stays flat however long the stream."""
+    """Stream `minutes` of the test speech from the first clip's portrait. Its first window of speech comes
+    back every minute and at the end (`long_stream_audio`); each is compared to the portrait frame by frame
+    (the drift: what the last window lost against the first; the curve: every window's face PSNR), with the
+    first and last windows' lip-sync; flicker throughout. Frames are consumed as they come: memory stays flat
+    however long the stream."""
     fps = dit.cfg.fps
-    wave, window, replay = long_stream_audio([c.audio for c in clips], sr, fps, minutes)
+    wave, window, marks = long_stream_audio([c.audio for c in clips], sr, fps, minutes)
     ref_clip = clips[0]
     portrait = portrait_of(ref_clip)
     ref_u8 = ref_clip.frames[0]
-    head: list[np.ndarray] = []
-    tail: list[np.ndarray] = []
+    windows: dict[int, list] = {m: [] for m in marks}
+    psnr: dict[int, list] = {m: [] for m in marks}
     meter = metrics.FlickerMeter(ref_clip.mask)
     n, t0 = 0, time.perf_counter()
     n_total = -(-wave.size * fps // sr)
@@ -238,10 +246,11 @@ def long_stream(vae, dit, clips: list[TestClip], sr: int, minutes: float, seed: 
         frames = _to_uint8(chunk.frames)
         meter.update(frames)
         for f in frames:
-            if n < window:
-                head.append(f)
-            elif replay <= n < replay + window:
-                tail.append(f)
+            m = next((m for m in marks if m <= n < m + window), None)
+            if m is not None:
+                psnr[m].append(metrics.psnr(f, ref_u8, metrics.FACE_BOX))
+                if m in (marks[0], marks[-1]):  # only the first and last are kept whole, for SSIM and lip-sync
+                    windows[m].append(f)
             n += 1
         if progress:
             print(f"\r  long stream: {n / fps / 60:.2f}/{minutes:g} min ({n / (time.perf_counter() - t0):.1f} fps)",
@@ -249,20 +258,29 @@ def long_stream(vae, dit, clips: list[TestClip], sr: int, minutes: float, seed: 
     if progress:
         print(file=sys.stderr)
     dt = time.perf_counter() - t0
-    if len(tail) != window:
+    if len(psnr[marks[-1]]) != window:
         raise RuntimeError(f"the long stream gave {n} frames, {n_total} expected: its last window is incomplete")
     spf = sr // fps
     speech = wave[: window * spf]
     out = {"long_flicker": meter.value, "long_minutes": n / fps / 60, "long_fps": n / dt, "long_frames": n,
-           "expected_frames": int(n_total), "drift_window_s": window / fps}
-    psnr = {}
-    for at, frames in (("start", np.stack(head)), ("end", np.stack(tail))):
-        psnr[at] = [metrics.psnr(f, ref_u8, metrics.FACE_BOX) for f in frames]
-        out[f"id_psnr_{at}"] = float(np.mean(psnr[at]))
+           "expected_frames": int(n_total), "drift_window_s": window / fps,
+           "id_psnr_curve": [(m / fps / 60, float(np.mean(psnr[m]))) for m in marks]}
+    for at, m in (("start", marks[0]), ("end", marks[-1])):
+        frames = np.stack(windows[m])
+        out[f"id_psnr_{at}"] = float(np.mean(psnr[m]))
         out[f"id_ssim_{at}"] = metrics.face_similarity(frames, ref_u8)["ssim"]
         out[f"sync_{at}"] = metrics.lip_sync(frames, speech, sr, fps).score if window >= 16 else float("nan")
-    out["id_drift"], out["id_drift_se"] = paired_drift(psnr["start"], psnr["end"], fps)
+    out["id_drift"], out["id_drift_se"] = paired_drift(psnr[marks[0]], psnr[marks[-1]], fps)
+    out["id_slope_10min"] = curve_slope(out["id_psnr_curve"])
     return out
+
+
+def curve_slope(curve: list, after_min: float = 1.0) -> float:
+    """Least-squares slope of face PSNR against time, in dB per 10 minutes, over the windows from `after_min`
+    on: error that accumulates keeps falling there; a settling-in of the first seconds (the rolling cache
+    filling) does not."""
+    pts = np.array([(t, v) for t, v in curve if t >= after_min])
+    return float(np.polyfit(pts[:, 0], pts[:, 1], 1)[0] * 10) if len(pts) >= 3 else float("nan")
 
 
 def _video(vae, frames: np.ndarray) -> torch.Tensor:
@@ -361,6 +379,12 @@ def format_report(check: dict, rows: list[dict], minutes: float) -> str:
                      f"{_fmt(r.get('id_ssim_start')):>6} {_fmt(r.get('id_psnr_end'), '.2f'):>8} "
                      f"{_fmt(r.get('id_ssim_end')):>8} {_drift(r):>12} {_fmt(r.get('sync_start')):>6} "
                      f"{_fmt(r.get('sync_end')):>8} {_fmt(r.get('gen_fps'), '.1f'):>6}")
+    curves = [r for r in rows if r.get("id_psnr_curve")]
+    if curves:
+        lines += ["", "face PSNR to the portrait on the same speech through the long stream (window start: PSNR), "
+                  "and its least-squares slope from the first minute on:"]
+        lines += [f"  {r['name'][:28]:<28} " + ", ".join(f"{t:.1f} min: {v:.2f}" for t, v in r["id_psnr_curve"])
+                  + f"; slope {_fmt(r.get('id_slope_10min'), '+.2f')} dB per 10 min" for r in curves]
     probe = next((r["latent_probe"] for r in rows if r.get("latent_probe")), None)
     if probe:
         lines += ["", f"mouth openness read linearly from the VAE's latents (fit on {probe['train_clips']} training "

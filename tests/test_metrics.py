@@ -211,25 +211,45 @@ def test_eval_command_side_by_side(tiny, tiny_dataset, tmp_path, capsys):
     assert student["drift_window_s"] == pytest.approx(60 / 25)
     assert student["id_drift"] == pytest.approx(student["id_psnr_end"] - student["id_psnr_start"])
     assert f"{student['id_drift']:+.2f}+-" in out and "sync@0" in out
+    # under a minute there is no window between the first and the last
+    assert [t for t, _ in student["id_psnr_curve"]] == [0, pytest.approx(60 / 25 / 60)]
+    assert [v for _, v in student["id_psnr_curve"]] == pytest.approx([student["id_psnr_start"],
+                                                                      student["id_psnr_end"]])
+    assert np.isnan(student["id_slope_10min"]) and "slope" in out
 
 
-def test_long_stream_replays_its_first_window_at_the_end():
+def test_long_stream_replays_its_first_window_every_minute_and_at_the_end():
     from rest_model.evaluate import long_stream_audio
     rng = np.random.default_rng(0)
     sr, fps = 16000, 25
     waves = [rng.normal(size=n).astype(np.float32) for n in (3 * sr + 123, 2 * sr, 5 * sr - 7)]
-    wave, window, replay = long_stream_audio(waves, sr, fps, minutes=0.5, window_s=4)
+    wave, window, marks = long_stream_audio(waves, sr, fps, minutes=0.5, window_s=4, every_s=10)
     spf = sr // fps
-    assert wave.size == 30 * sr and (window, replay) == (4 * fps, 26 * fps)
-    # the last 4 s are sample for sample the first 4 s; the rest is the clips back to back
-    np.testing.assert_array_equal(wave[replay * spf:], wave[: window * spf])
-    loop = np.concatenate(waves * 3)
-    np.testing.assert_array_equal(wave[: replay * spf], loop[: replay * spf])
-    assert not np.array_equal(wave[replay * spf:], loop[replay * spf: 30 * sr])
+    assert wave.size == 30 * sr and window == 4 * fps and marks == [0, 10 * fps, 20 * fps, 26 * fps]
+    first = wave[: window * spf]
+    loop = np.concatenate(waves * 4)
+    np.testing.assert_array_equal(first, loop[: window * spf])
+    for m in marks[1:]:  # sample for sample the first window's speech
+        np.testing.assert_array_equal(wave[m * spf:(m + window) * spf], first)
+    # between the windows the clips run on where they would have been without the replays
+    for m, nxt in zip(marks, marks[1:]):
+        np.testing.assert_array_equal(wave[(m + window) * spf: nxt * spf], loop[(m + window) * spf: nxt * spf])
+    assert not np.array_equal(wave[-window * spf:], loop[26 * fps * spf: 30 * sr])
     # a stream shorter than two windows is split in half; one of under 2 frames is refused
-    assert long_stream_audio(waves, sr, fps, minutes=0.05, window_s=10)[1:] == (37, 38)
+    wave, window, marks = long_stream_audio(waves, sr, fps, minutes=0.05, window_s=10)
+    assert (window, marks) == (37, [0, 38]) and wave.size == 75 * spf
     with pytest.raises(ValueError, match="under 2 frames"):
         long_stream_audio(waves, sr, fps, minutes=0.0005)
+
+
+def test_curve_slope_sees_accumulating_loss_not_settling_in():
+    from rest_model.evaluate import curve_slope
+    minutes = np.arange(11.0)
+    settles = [(t, 22.0 if t == 0 else 21.8) for t in minutes]  # the first window only is higher
+    assert curve_slope(settles) == pytest.approx(0, abs=1e-9)
+    falls = [(t, 22.0 - 0.05 * t) for t in minutes]
+    assert curve_slope(falls) == pytest.approx(-0.5)  # dB per 10 minutes
+    assert np.isnan(curve_slope(falls[:3]))  # two windows after the first minute are no line
 
 
 def test_paired_drift_is_the_mean_difference_with_its_error_over_seconds():
