@@ -271,16 +271,21 @@ def long_stream(vae, dit, clips: list[TestClip], sr: int, minutes: float, seed: 
         out[f"id_ssim_{at}"] = metrics.face_similarity(frames, ref_u8)["ssim"]
         out[f"sync_{at}"] = metrics.lip_sync(frames, speech, sr, fps).score if window >= 16 else float("nan")
     out["id_drift"], out["id_drift_se"] = paired_drift(psnr[marks[0]], psnr[marks[-1]], fps)
-    out["id_slope_10min"] = curve_slope(out["id_psnr_curve"])
+    out["id_slope_10min"], out["id_slope_10min_se"] = curve_slope(out["id_psnr_curve"])
     return out
 
 
-def curve_slope(curve: list, after_min: float = 1.0) -> float:
+def curve_slope(curve: list, after_min: float = 1.0) -> tuple[float, float]:
     """Least-squares slope of face PSNR against time, in dB per 10 minutes, over the windows from `after_min`
-    on: error that accumulates keeps falling there; a settling-in of the first seconds (the rolling cache
-    filling) does not."""
+    on, and its standard error from the fit's residuals: error that accumulates keeps falling there; a
+    settling-in of the first seconds (the rolling cache filling) does not."""
     pts = np.array([(t, v) for t, v in curve if t >= after_min])
-    return float(np.polyfit(pts[:, 0], pts[:, 1], 1)[0] * 10) if len(pts) >= 3 else float("nan")
+    if len(pts) < 3:
+        return float("nan"), float("nan")
+    (slope, icept), t = np.polyfit(pts[:, 0], pts[:, 1], 1), pts[:, 0]
+    resid = pts[:, 1] - (slope * t + icept)
+    se = math.sqrt((resid ** 2).sum() / (len(t) - 2) / ((t - t.mean()) ** 2).sum())
+    return float(slope * 10), float(se * 10)
 
 
 def _video(vae, frames: np.ndarray) -> torch.Tensor:
@@ -384,7 +389,8 @@ def format_report(check: dict, rows: list[dict], minutes: float) -> str:
         lines += ["", "face PSNR to the portrait on the same speech through the long stream (window start: PSNR), "
                   "and its least-squares slope from the first minute on:"]
         lines += [f"  {r['name'][:28]:<28} " + ", ".join(f"{t:.1f} min: {v:.2f}" for t, v in r["id_psnr_curve"])
-                  + f"; slope {_fmt(r.get('id_slope_10min'), '+.2f')} dB per 10 min" for r in curves]
+                  + f"; slope {_fmt(r.get('id_slope_10min'), '+.2f')} +- {_fmt(r.get('id_slope_10min_se'), '.2f')} dB per 10 min"
+                  for r in curves]
     probe = next((r["latent_probe"] for r in rows if r.get("latent_probe")), None)
     if probe:
         lines += ["", f"mouth openness read linearly from the VAE's latents (fit on {probe['train_clips']} training "

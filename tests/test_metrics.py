@@ -215,7 +215,7 @@ def test_eval_command_side_by_side(tiny, tiny_dataset, tmp_path, capsys):
     assert [t for t, _ in student["id_psnr_curve"]] == [0, pytest.approx(60 / 25 / 60)]
     assert [v for _, v in student["id_psnr_curve"]] == pytest.approx([student["id_psnr_start"],
                                                                       student["id_psnr_end"]])
-    assert np.isnan(student["id_slope_10min"]) and "slope" in out
+    assert np.isnan([student["id_slope_10min"], student["id_slope_10min_se"]]).all() and "slope" in out
 
 
 def test_long_stream_replays_its_first_window_every_minute_and_at_the_end():
@@ -246,10 +246,16 @@ def test_curve_slope_sees_accumulating_loss_not_settling_in():
     from rest_model.evaluate import curve_slope
     minutes = np.arange(11.0)
     settles = [(t, 22.0 if t == 0 else 21.8) for t in minutes]  # the first window only is higher
-    assert curve_slope(settles) == pytest.approx(0, abs=1e-9)
+    assert curve_slope(settles) == pytest.approx((0, 0), abs=1e-9)
     falls = [(t, 22.0 - 0.05 * t) for t in minutes]
-    assert curve_slope(falls) == pytest.approx(-0.5)  # dB per 10 minutes
-    assert np.isnan(curve_slope(falls[:3]))  # two windows after the first minute are no line
+    assert curve_slope(falls) == pytest.approx((-0.5, 0), abs=1e-9)  # dB per 10 minutes, exact: no error
+    # with noise the error is the textbook one of a fitted slope, and it covers the true slope
+    noisy = [(t, v + e) for (t, v), e in zip(falls, np.random.default_rng(0).normal(0, 0.05, 11))]
+    slope, se = curve_slope(noisy)
+    coef, cov = np.polyfit(minutes[1:], [v for _, v in noisy[1:]], 1, cov=True)
+    assert (slope, se) == pytest.approx((coef[0] * 10, np.sqrt(cov[0, 0]) * 10))
+    assert 0 < se < 0.2 and abs(slope + 0.5) < 3 * se
+    assert np.isnan(curve_slope(falls[:3])).all()  # two windows after the first minute are no line
 
 
 def test_paired_drift_is_the_mean_difference_with_its_error_over_seconds():
