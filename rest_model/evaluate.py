@@ -226,15 +226,16 @@ def paired_drift(start: np.ndarray, end: np.ndarray, fps: int) -> tuple[float, f
 
 @torch.no_grad()
 def long_stream(vae, dit, clips: list[TestClip], sr: int, minutes: float, seed: int = 0,
-                progress: bool = False) -> dict:
-    """Stream `minutes` of the test speech from the first clip's portrait. Its first window of speech comes
-    back every minute and at the end (`long_stream_audio`); each is compared to the portrait frame by frame
-    (the drift: what the last window lost against the first; the curve: every window's face PSNR), with the
-    first and last windows' lip-sync; flicker throughout. Frames are consumed as they come: memory stays flat
-    however long the stream."""
+                progress: bool = False, portrait: int = 0) -> dict:
+    """Stream `minutes` of the test speech from clip `portrait`'s first frame, the speech starting with that
+    clip's. Its first window of speech comes back every minute and at the end (`long_stream_audio`); each is
+    compared to the portrait frame by frame (the drift: what the last window lost against the first; the curve:
+    every window's face PSNR), with the first and last windows' lip-sync; flicker throughout. Frames are
+    consumed as they come: memory stays flat however long the stream."""
     fps = dit.cfg.fps
-    wave, window, marks = long_stream_audio([c.audio for c in clips], sr, fps, minutes)
-    ref_clip = clips[0]
+    order = clips[portrait:] + clips[:portrait]
+    wave, window, marks = long_stream_audio([c.audio for c in order], sr, fps, minutes)
+    ref_clip = order[0]
     portrait = portrait_of(ref_clip)
     ref_u8 = ref_clip.frames[0]
     windows: dict[int, list] = {m: [] for m in marks}
@@ -272,6 +273,27 @@ def long_stream(vae, dit, clips: list[TestClip], sr: int, minutes: float, seed: 
         out[f"sync_{at}"] = metrics.lip_sync(frames, speech, sr, fps).score if window >= 16 else float("nan")
     out["id_drift"], out["id_drift_se"] = paired_drift(psnr[marks[0]], psnr[marks[-1]], fps)
     out["id_slope_10min"], out["id_slope_10min_se"] = curve_slope(out["id_psnr_curve"])
+    return out
+
+
+POOLED_MEANS = ("id_psnr_start", "id_ssim_start", "id_psnr_end", "id_ssim_end", "sync_start", "sync_end",
+                "long_flicker", "long_fps", "id_drift", "id_slope_10min")
+
+
+def pool_long_streams(streams: list[dict]) -> dict:
+    """The long streams of several portraits as one row: means, and the standard errors of the mean drift and
+    slope (the streams are independent: sqrt(sum se^2) / n)."""
+    if len(streams) == 1:
+        return dict(streams[0])
+    n = len(streams)
+    out = {k: float(np.mean([s[k] for s in streams])) for k in POOLED_MEANS}
+    for k in ("id_drift_se", "id_slope_10min_se"):
+        out[k] = math.sqrt(sum(s[k] ** 2 for s in streams)) / n
+    curves = [s["id_psnr_curve"] for s in streams]
+    out["id_psnr_curve"] = [(t, float(np.mean([c[i][1] for c in curves]))) for i, (t, _) in enumerate(curves[0])]
+    for k in ("long_minutes", "drift_window_s", "long_frames", "expected_frames"):
+        out[k] = streams[0][k]
+    out["long_streams"] = streams
     return out
 
 
@@ -361,6 +383,11 @@ def _drift(r: dict) -> str:
     return f"{r['id_drift']:+.2f}+-{_fmt(r.get('id_drift_se'), '.2f')}"
 
 
+def _streams(rows: list[dict]) -> str:
+    n = max((len(r.get("long_streams", [r])) for r in rows if r.get("id_psnr_curve")), default=1)
+    return f", pooled over {n} streams from {n} portraits" if n > 1 else ""
+
+
 def format_report(check: dict, rows: list[dict], minutes: float) -> str:
     lines = ["metric check on ground-truth test clips:",
              f"  lip-sync at true alignment {check['gt_sync']:.3f} (min {check['gt_sync_min']:.3f}); "
@@ -375,7 +402,7 @@ def format_report(check: dict, rows: list[dict], minutes: float) -> str:
     lines += [f"side by side (clip metrics on {rows[0].get('clips', '?')} held-out clips; "
               f"@end = the last "
               f"{_fmt(next((r['drift_window_s'] for r in rows if r.get('drift_window_s')), None), 'g')} s of "
-              f"{minutes:g} min of streaming):", head, "-" * len(head)]
+              f"{minutes:g} min of streaming{_streams(rows)}):", head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['name'][:28]:<28} {r['kind'][:24]:<24} {_fmt(r['sync']):>6} {_fmt(r.get('sync_chance')):>6} "
                      f"{_fmt(r['abs_offset'], '.1f'):>5} "
@@ -388,9 +415,17 @@ def format_report(check: dict, rows: list[dict], minutes: float) -> str:
     if curves:
         lines += ["", "face PSNR to the portrait on the same speech through the long stream (window start: PSNR), "
                   "and its least-squares slope from the first minute on:"]
-        lines += [f"  {r['name'][:28]:<28} " + ", ".join(f"{t:.1f} min: {v:.2f}" for t, v in r["id_psnr_curve"])
-                  + f"; slope {_fmt(r.get('id_slope_10min'), '+.2f')} +- {_fmt(r.get('id_slope_10min_se'), '.2f')} dB per 10 min"
-                  for r in curves]
+        for r in curves:
+            parts = r.get("long_streams", [r])
+            for q in parts:
+                who = r["name"] + (f" / {q['portrait']}" if len(parts) > 1 else "")
+                lines.append(f"  {who[:40]:<40} " + ", ".join(f"{t:.1f} min: {v:.2f}" for t, v in q["id_psnr_curve"])
+                             + f"; drift {_drift(q)}; slope {_fmt(q.get('id_slope_10min'), '+.2f')} +- "
+                             f"{_fmt(q.get('id_slope_10min_se'), '.2f')} dB per 10 min")
+            if len(parts) > 1:
+                lines.append(f"  {r['name'][:28] + ', pooled':<40} " + ", ".join(
+                    f"{t:.1f} min: {v:.2f}" for t, v in r["id_psnr_curve"]) + f"; drift {_drift(r)}; slope "
+                    f"{_fmt(r.get('id_slope_10min'), '+.2f')} +- {_fmt(r.get('id_slope_10min_se'), '.2f')} dB per 10 min")
     probe = next((r["latent_probe"] for r in rows if r.get("latent_probe")), None)
     if probe:
         lines += ["", f"mouth openness read linearly from the VAE's latents (fit on {probe['train_clips']} training "
@@ -412,9 +447,12 @@ def format_report(check: dict, rows: list[dict], minutes: float) -> str:
 
 def evaluate(vae_path: str, dit_paths: list[str], data: str, teacher: str | None = None, minutes: float = 10.0,
              n_clips: int = 8, split: str = "test", teacher_steps: int = 16, max_offset: int = 15, seed: int = 0,
-             device: str = "cpu", progress: bool = False, teacher_guidance: float = 1.0) -> dict:
+             device: str = "cpu", progress: bool = False, teacher_guidance: float = 1.0,
+             long_portraits: int = 1) -> dict:
     if not dit_paths:
         raise ValueError("give at least one --dit")
+    if not 1 <= long_portraits <= n_clips:
+        raise ValueError(f"--long-portraits must be 1..--clips ({n_clips}), got {long_portraits}")
     if minutes < 0:
         raise ValueError(f"--minutes must be >= 0, got {minutes}")
     if teacher is not None:
@@ -470,7 +508,8 @@ def evaluate(vae_path: str, dit_paths: list[str], data: str, teacher: str | None
         if progress:
             print(file=sys.stderr)
         if not is_teacher and minutes > 0:
-            row.long = long_stream(vae, dit, clips, sr, minutes, seed, progress)
+            row.long = pool_long_streams([dict(long_stream(vae, dit, clips, sr, minutes, seed, progress, i),
+                                               portrait=clips[i].name) for i in range(long_portraits)])
             row.fps = row.long["long_fps"]
         rows.append(row.summary())
     for r in rows:
@@ -483,7 +522,7 @@ def cmd_eval(args) -> int:
     torch.manual_seed(args.seed)
     report = evaluate(args.vae, args.dit, args.data, args.teacher, args.minutes, args.clips, args.split,
                       args.teacher_steps, args.max_offset, args.seed, args.device, progress=True,
-                      teacher_guidance=args.teacher_guidance)
+                      teacher_guidance=args.teacher_guidance, long_portraits=args.long_portraits)
     print(f"held-out {report['split']} clips: {len(report['clips'])} from identities {', '.join(report['identities'])}")
     print(format_report(report["metric_check"], report["models"], report["minutes"]))
     if args.json:
@@ -504,6 +543,8 @@ def register(sub) -> None:
                    help="clips to evaluate on (default: the held-out identities and voices)")
     p.add_argument("--clips", type=int, default=8, help="test clips, spread over identities (default 8)")
     p.add_argument("--minutes", type=float, default=10.0, help="length of the long stream (default 10; 0 = skip)")
+    p.add_argument("--long-portraits", type=int, default=1,
+                   help="long streams, each from another test clip's portrait; the report pools them (default 1)")
     p.add_argument("--teacher-steps", type=int, default=16, help="Euler steps for the teacher (default 16)")
     p.add_argument("--teacher-guidance", type=float, default=1.0,
                    help="audio classifier-free guidance scale for the teacher (default 1 = off)")

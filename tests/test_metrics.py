@@ -218,6 +218,28 @@ def test_eval_command_side_by_side(tiny, tiny_dataset, tmp_path, capsys):
     assert np.isnan([student["id_slope_10min"], student["id_slope_10min_se"]]).all() and "slope" in out
 
 
+def test_eval_long_stream_from_several_portraits(tiny, tiny_dataset, tmp_path, capsys):
+    import json
+    from rest_model import checkpoint
+    from rest_model.cli import main
+    vae, dit = tiny
+    checkpoint.save(vae, tmp_path / "vae.safetensors")
+    checkpoint.save(dit, tmp_path / "student.safetensors")
+    args = ["eval", "--vae", str(tmp_path / "vae.safetensors"), "--dit", str(tmp_path / "student.safetensors"),
+            "--data", str(tiny_dataset), "--minutes", "0.08", "--clips", "2", "--json", str(tmp_path / "r.json")]
+    assert main(args + ["--long-portraits", "2"]) == 0
+    out = capsys.readouterr().out
+    student = json.loads((tmp_path / "r.json").read_text())["models"][-1]
+    a, b = student["long_streams"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [a["portrait"], b["portrait"]] == report["clips"]  # each stream from another clip's portrait
+    assert a["id_psnr_start"] != b["id_psnr_start"]
+    assert student["id_drift"] == pytest.approx((a["id_drift"] + b["id_drift"]) / 2)
+    assert "pooled over 2 streams" in out and f"/ {b['portrait']}" in out
+    assert main(args + ["--long-portraits", "3"]) == 2  # more portraits than clips: refused before any work
+    assert "--long-portraits must be 1..--clips (2), got 3" in capsys.readouterr().err
+
+
 def test_long_stream_replays_its_first_window_every_minute_and_at_the_end():
     from rest_model.evaluate import long_stream_audio
     rng = np.random.default_rng(0)
@@ -256,6 +278,31 @@ def test_curve_slope_sees_accumulating_loss_not_settling_in():
     assert (slope, se) == pytest.approx((coef[0] * 10, np.sqrt(cov[0, 0]) * 10))
     assert 0 < se < 0.2 and abs(slope + 0.5) < 3 * se
     assert np.isnan(curve_slope(falls[:3])).all()  # two windows after the first minute are no line
+
+
+def test_long_streams_of_several_portraits_pool_into_one_row():
+    from rest_model.evaluate import POOLED_MEANS, pool_long_streams
+    rng = np.random.default_rng(0)
+
+    def stream(name):
+        d = {k: float(rng.normal(20, 1)) for k in POOLED_MEANS}
+        d |= dict(id_drift_se=float(rng.uniform(0.02, 0.1)), id_slope_10min_se=float(rng.uniform(0.02, 0.1)),
+                  id_psnr_curve=[(t, float(rng.normal(21, 0.1))) for t in (0.0, 1.0, 2.0)], portrait=name,
+                  long_minutes=2.0, drift_window_s=10.0, long_frames=3000, expected_frames=3000)
+        return d
+
+    one = stream("a")
+    assert pool_long_streams([one]) == one  # one stream is its own row
+    streams = [one, stream("b"), stream("c")]
+    row = pool_long_streams(streams)
+    for k in POOLED_MEANS:
+        assert row[k] == pytest.approx(np.mean([q[k] for q in streams]))
+    # independent streams: the error of their mean drift is sqrt(sum se^2) / n, below each one's
+    assert row["id_drift_se"] == pytest.approx(np.sqrt(sum(q["id_drift_se"] ** 2 for q in streams)) / 3)
+    assert row["id_drift_se"] < max(q["id_drift_se"] for q in streams)
+    assert [t for t, _ in row["id_psnr_curve"]] == [0.0, 1.0, 2.0]
+    assert row["id_psnr_curve"][1][1] == pytest.approx(np.mean([q["id_psnr_curve"][1][1] for q in streams]))
+    assert [q["portrait"] for q in row["long_streams"]] == ["a", "b", "c"]
 
 
 def test_paired_drift_is_the_mean_difference_with_its_error_over_seconds():
