@@ -11,10 +11,11 @@ model and for the ground truth:
 - temporal stability: flicker (mean absolute frame-to-frame change, 0-255) inside the regions that
   stand still in the ground-truth clip (background, shoulders);
 - identity retention over a long stream: the test clips' speech played back to back for --minutes
-  (default 10), streamed from one portrait, its last 10 s a replay of its first 10 s; face-region
-  PSNR/SSIM to the portrait and lip-sync over those two windows, the drift (the PSNR lost from the
-  first window to the last, frame by frame on the same speech, with its standard error), and the
-  generation speed.
+  (default 10), streamed from one portrait (--long-portraits: several, pooled), its first 10 s of
+  speech replayed every minute and as its last 10 s; face-region PSNR/SSIM to the portrait and
+  lip-sync over the first and last windows, the drift (the PSNR lost from the first window to the
+  last, frame by frame on the same speech, with its standard error), the PSNR of every window and
+  its slope, and the generation speed.
 
 The teacher (--teacher, one of the --dit files) is sampled the non-streaming way (the whole clip in
 one bidirectional sequence, --teacher-steps Euler steps, audio guidance --teacher-guidance) and has
@@ -238,8 +239,8 @@ def long_stream(vae, dit, clips: list[TestClip], sr: int, minutes: float, seed: 
     ref_clip = order[0]
     portrait = portrait_of(ref_clip)
     ref_u8 = ref_clip.frames[0]
-    windows: dict[int, list] = {m: [] for m in marks}
     psnr: dict[int, list] = {m: [] for m in marks}
+    kept: dict[int, list] = {marks[0]: [], marks[-1]: []}  # whole frames only where SSIM and lip-sync are read
     meter = metrics.FlickerMeter(ref_clip.mask)
     n, t0 = 0, time.perf_counter()
     n_total = -(-wave.size * fps // sr)
@@ -250,8 +251,8 @@ def long_stream(vae, dit, clips: list[TestClip], sr: int, minutes: float, seed: 
             m = next((m for m in marks if m <= n < m + window), None)
             if m is not None:
                 psnr[m].append(metrics.psnr(f, ref_u8, metrics.FACE_BOX))
-                if m in (marks[0], marks[-1]):  # only the first and last are kept whole, for SSIM and lip-sync
-                    windows[m].append(f)
+                if m in kept:
+                    kept[m].append(f)
             n += 1
         if progress:
             print(f"\r  long stream: {n / fps / 60:.2f}/{minutes:g} min ({n / (time.perf_counter() - t0):.1f} fps)",
@@ -267,7 +268,7 @@ def long_stream(vae, dit, clips: list[TestClip], sr: int, minutes: float, seed: 
            "expected_frames": int(n_total), "drift_window_s": window / fps,
            "id_psnr_curve": [(m / fps / 60, float(np.mean(psnr[m]))) for m in marks]}
     for at, m in (("start", marks[0]), ("end", marks[-1])):
-        frames = np.stack(windows[m])
+        frames = np.stack(kept[m])
         out[f"id_psnr_{at}"] = float(np.mean(psnr[m]))
         out[f"id_ssim_{at}"] = metrics.face_similarity(frames, ref_u8)["ssim"]
         out[f"sync_{at}"] = metrics.lip_sync(frames, speech, sr, fps).score if window >= 16 else float("nan")
@@ -383,6 +384,12 @@ def _drift(r: dict) -> str:
     return f"{r['id_drift']:+.2f}+-{_fmt(r.get('id_drift_se'), '.2f')}"
 
 
+def _curve_line(who: str, r: dict) -> str:
+    return (f"  {who[:40]:<40} " + ", ".join(f"{t:.1f} min: {v:.2f}" for t, v in r["id_psnr_curve"])
+            + f"; drift {_drift(r)}; slope {_fmt(r.get('id_slope_10min'), '+.2f')} +- "
+            f"{_fmt(r.get('id_slope_10min_se'), '.2f')} dB per 10 min")
+
+
 def _streams(rows: list[dict]) -> str:
     n = max((len(r.get("long_streams", [r])) for r in rows if r.get("id_psnr_curve")), default=1)
     return f", pooled over {n} streams from {n} portraits" if n > 1 else ""
@@ -416,16 +423,9 @@ def format_report(check: dict, rows: list[dict], minutes: float) -> str:
         lines += ["", "face PSNR to the portrait on the same speech through the long stream (window start: PSNR), "
                   "and its least-squares slope from the first minute on:"]
         for r in curves:
-            parts = r.get("long_streams", [r])
-            for q in parts:
-                who = r["name"] + (f" / {q['portrait']}" if len(parts) > 1 else "")
-                lines.append(f"  {who[:40]:<40} " + ", ".join(f"{t:.1f} min: {v:.2f}" for t, v in q["id_psnr_curve"])
-                             + f"; drift {_drift(q)}; slope {_fmt(q.get('id_slope_10min'), '+.2f')} +- "
-                             f"{_fmt(q.get('id_slope_10min_se'), '.2f')} dB per 10 min")
-            if len(parts) > 1:
-                lines.append(f"  {r['name'][:28] + ', pooled':<40} " + ", ".join(
-                    f"{t:.1f} min: {v:.2f}" for t, v in r["id_psnr_curve"]) + f"; drift {_drift(r)}; slope "
-                    f"{_fmt(r.get('id_slope_10min'), '+.2f')} +- {_fmt(r.get('id_slope_10min_se'), '.2f')} dB per 10 min")
+            parts = r.get("long_streams", [])
+            lines += [_curve_line(f"{r['name']} / {q['portrait']}", q) for q in parts]
+            lines.append(_curve_line(r["name"] + (", pooled" if parts else ""), r))
     probe = next((r["latent_probe"] for r in rows if r.get("latent_probe")), None)
     if probe:
         lines += ["", f"mouth openness read linearly from the VAE's latents (fit on {probe['train_clips']} training "
@@ -467,6 +467,8 @@ def evaluate(vae_path: str, dit_paths: list[str], data: str, teacher: str | None
     if index["fps"] != fps:
         raise ValueError(f"{data} is at {index['fps']} fps but the models run at {fps} fps; prepare it with their preset")
     clips, index = load_test_clips(data, res, split, n_clips)
+    if long_portraits > len(clips):
+        raise ValueError(f"--long-portraits {long_portraits} needs as many {split} clips; {data} has {len(clips)}")
     sr = index["sample_rate"]
     gt = Row("ground truth", "ground truth")
     for i, c in enumerate(clips):

@@ -238,6 +238,9 @@ def test_eval_long_stream_from_several_portraits(tiny, tiny_dataset, tmp_path, c
     assert "pooled over 2 streams" in out and f"/ {b['portrait']}" in out
     assert main(args + ["--long-portraits", "3"]) == 2  # more portraits than clips: refused before any work
     assert "--long-portraits must be 1..--clips (2), got 3" in capsys.readouterr().err
+    # more portraits than the dataset has test clips (2 here): refused, naming the count, before any stream
+    assert main(args + ["--clips", "8", "--long-portraits", "3"]) == 2
+    assert "--long-portraits 3 needs as many test clips" in capsys.readouterr().err
 
 
 def test_long_stream_replays_its_first_window_every_minute_and_at_the_end():
