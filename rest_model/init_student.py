@@ -9,6 +9,7 @@ ID-Context Cache), so what it is trained on is exactly what it will do. Two term
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -92,18 +93,27 @@ def load_student_stage(args, student_path: str):
         checkpoint.check_compatible(vae.cfg, student.cfg)
     except ValueError as e:
         raise ValueError(f"the student {student_path} does not fit {args.vae}: {e}") from None
-    # the teacher may be larger (train-teacher --depth), but it must see the clip as the student streams it
+    # the teacher may be larger (train-teacher --depth), but it must see the clip as the student streams it: the
+    # same frames, cut into the same chunks (its asynchronous schedule is per chunk). How far back the student's
+    # rolling cache reaches is the student's own: the bidirectional teacher sees every earlier chunk anyway.
     t, s = teacher.cfg, student.cfg
-    differ = [k for k in ("resolution", "fps", "stream") if getattr(t, k) != getattr(s, k)]
+    differ = {k: (getattr(t, k), getattr(s, k)) for k in ("resolution", "fps") if getattr(t, k) != getattr(s, k)}
+    if t.stream.chunk_frames != s.stream.chunk_frames:
+        differ["stream.chunk_frames"] = (t.stream.chunk_frames, s.stream.chunk_frames)
     if differ:
         raise ValueError(f"the teacher {args.teacher} and the student {student_path} differ in {', '.join(differ)}: "
-                         f"{[getattr(t, k) for k in differ]} vs {[getattr(s, k) for k in differ]}")
+                         f"{[a for a, _ in differ.values()]} vs {[b for _, b in differ.values()]}")
     return vae, teacher, student
 
 
 @distributed.launched
 def cmd_init_student(args) -> int:
     vae, teacher, student = load_student_stage(args, args.teacher)  # the student starts as the teacher
+    if args.context_frames is not None:
+        if args.context_frames < 1:
+            raise ValueError(f"--context-frames must be >= 1, got {args.context_frames}")
+        stream_cfg = dataclasses.replace(student.cfg.stream, context_frames=args.context_frames)
+        student.cfg = dataclasses.replace(student.cfg, stream=stream_cfg)
     draw, margin = clip_sampler(args, student.cfg)
     weights = latent_mouth_weights(student.cfg, args.mouth_weight)
 
@@ -120,6 +130,10 @@ def register(sub):
     p = sub.add_parser("init-student", help="stage 3: causal 2-step student from the teacher (ODE regression)")
     add_common_args(p, needs=("vae", "teacher"))
     p.add_argument("--teacher-steps", type=int, default=8, help="Euler steps of the teacher's ODE solve")
+    p.add_argument("--context-frames", type=int,
+                   help="latent frames in the student's rolling Context-Cache (default: the teacher's, i.e. the "
+                        "preset's); distill and inference keep the student's. Train on clips longer than the cache "
+                        "(--chunks x chunk frames) or it never fills")
     add_mouth_weight_arg(p)
     add_audio_guidance_arg(p)
     p.set_defaults(fn=cmd_init_student)

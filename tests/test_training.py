@@ -322,6 +322,38 @@ def test_stage_commands_write_loadable_checkpoints(tmp_path):
     assert (run / "asd.log.jsonl").exists()
 
 
+def test_student_context_cache_length_is_set_at_init_and_kept_by_distill(tmp_path, capsys):
+    """init-student --context-frames gives the student a longer rolling cache than the teacher's preset; distill
+    accepts that pair (the teacher sees every earlier chunk anyway) and keeps the student's length; a teacher that
+    cuts the clip into other chunks is still refused."""
+    import dataclasses
+    from rest_model.cli import main
+    from rest_model.dit import CausalDiT
+    data = _tiny_dataset(tmp_path / "data", clips=2, frames=24)
+    run = tmp_path / "run"
+    common = ["--data", str(data), "--out", str(run), "--preset", "tiny", "--steps", "1", "--batch", "1",
+              "--chunks", "3", "--device", "cpu"]
+    assert main(["train-vae", *common]) == 0
+    common += ["--vae", str(run / "rest_vae.safetensors")]
+    assert main(["train-teacher", *common]) == 0
+    teacher = checkpoint.load_dit(run / "teacher.safetensors")
+    student = ["init-student", *common, "--teacher", str(run / "teacher.safetensors"), "--teacher-steps", "2"]
+    assert main([*student, "--context-frames", "0"]) == 2
+    assert "--context-frames must be >= 1" in capsys.readouterr().err
+    assert main([*student, "--context-frames", str(teacher.cfg.stream.context_frames + 2)]) == 0
+    init = checkpoint.load_dit(run / "student_init.safetensors")
+    assert init.cfg.stream.context_frames == teacher.cfg.stream.context_frames + 2
+    assert init.cfg.stream.chunk_frames == teacher.cfg.stream.chunk_frames
+    assert main(["distill", *common, "--teacher", str(run / "teacher.safetensors"),
+                 "--student", str(run / "student_init.safetensors")]) == 0
+    assert checkpoint.load_dit(run / "student_asd.safetensors").cfg.stream == init.cfg.stream
+    other = CausalDiT(dataclasses.replace(init.cfg, stream=dataclasses.replace(init.cfg.stream, chunk_frames=1)))
+    checkpoint.save(other, tmp_path / "c.safetensors")
+    assert main(["distill", *common, "--teacher", str(run / "teacher.safetensors"),
+                 "--student", str(tmp_path / "c.safetensors")]) == 2
+    assert "differ in stream.chunk_frames: [2] vs [1]" in capsys.readouterr().err
+
+
 def test_distill_with_dmd_exports_the_student_alone(tmp_path, capsys):
     """distill --dmd-weight: the log carries the DMD and critic terms, the snapshot the critic, the exported
     student file only the student; a negative weight is refused before anything is written."""
