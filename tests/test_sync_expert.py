@@ -166,3 +166,34 @@ def test_an_expert_refuses_a_model_of_another_layout_frame_rate_or_audio_rate():
         check_fits(c, other, "student")
     with pytest.raises(ValueError, match="latent_channels: expert 8 vs VAE 64"):
         check_fits(c, preset("demo").vae, "VAE")
+
+
+def test_heldout_accuracy_judges_the_test_split_alone(tmp_path):
+    """train-sync's held-out report: the mean accuracy and loss of the expert over batches of the test split's
+    clips (not the training clips), chance one in the number of shifts, and nothing without a test split."""
+    import json
+    from rest_model.train_sync import heldout_accuracy
+    torch.manual_seed(0)
+    vae, dit = random_model("tiny")
+    c = sync_expert_config(vae.cfg, dit.cfg)
+    expert = SyncExpert(c)
+    frames = clip_frames(dit.cfg, 2)
+    data = _tiny_dataset(tmp_path / "data", clips=4, frames=frames + 2 * c.margin)
+    assert heldout_accuracy(expert, vae, str(data), frames) is None
+    index = json.loads((data / "index.json").read_text())
+    for e in index["clips"][2:]:
+        e["split"] = "test"
+    (data / "index.json").write_text(json.dumps(index))
+    r = heldout_accuracy(expert, vae, str(data), frames, batches=2, batch=2)
+
+    def by_hand(split):
+        clips = ClipDataset(str(data), frames, split, audio_margin=c.margin)
+        logs = [sync_loss(expert, vae.encode(b["video"]), b["audio"], c.margin)[1]
+                for b in (sample_batch(clips, 2, torch.Generator().manual_seed(i)) for i in range(2))]
+        return sum(x["sync_acc"] for x in logs) / 2, sum(x["sync"] for x in logs) / 2
+
+    with torch.no_grad():
+        (acc, loss), (_, train_loss) = by_hand("test"), by_hand("train")
+    assert r["chance"] == 1 / len(c.shifts)
+    assert 0.0 <= r["accuracy"] <= 1.0 and r["accuracy"] == pytest.approx(acc)
+    assert r["loss"] == pytest.approx(loss) and r["loss"] != pytest.approx(train_loss)
