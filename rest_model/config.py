@@ -203,7 +203,7 @@ def sync_expert_config(vae: VAEConfig, dit: "DiTConfig", **kw) -> SyncExpertConf
     """An expert for the latents of this VAE at the DiT's resolution, frame rate and audio rate."""
     kw.setdefault("hidden", min(2 * dit.dim, 1024))  # sized with the DiT it judges: small for tests, wide for base
     return SyncExpertConfig(resolution=dit.resolution, fps=dit.fps, samples_per_frame=dit.audio.samples_per_frame,
-                            **_layout(vae), **kw)
+                            **latent_layout(vae), **kw)
 
 
 @dataclass
@@ -213,13 +213,14 @@ class Preset:
     dit: DiTConfig
 
 
-def _layout(vae: VAEConfig) -> dict:
-    return dict(latent_channels=vae.latent_channels, spatial_compression=vae.spatial_compression,
-                temporal_compression=vae.temporal_compression)
+def latent_layout(cfg) -> dict:
+    """The latent layout a VAE, DiT or lip-sync expert config was built for: what must agree between them."""
+    return dict(latent_channels=cfg.latent_channels, spatial_compression=cfg.spatial_compression,
+                temporal_compression=cfg.temporal_compression)
 
 
 def _preset(name, resolution, vae, dit_kw, audio, stream):
-    return Preset(name, vae, DiTConfig(resolution=resolution, audio=audio, stream=stream, **_layout(vae), **dit_kw))
+    return Preset(name, vae, DiTConfig(resolution=resolution, audio=audio, stream=stream, **latent_layout(vae), **dit_kw))
 
 
 def tiny() -> Preset:
@@ -284,9 +285,7 @@ def from_json(cls, text: str):
 
 def check_compatible(vae: VAEConfig, dit: DiTConfig) -> None:
     """Raise if the DiT was built for a different latent layout than this VAE produces."""
-    want, have = _layout(vae), dict(latent_channels=dit.latent_channels,
-                                   spatial_compression=dit.spatial_compression,
-                                   temporal_compression=dit.temporal_compression)
+    want, have = latent_layout(vae), latent_layout(dit)
     diff = [f"{k}: VAE {want[k]} vs DiT {have[k]}" for k in want if want[k] != have[k]]
     if diff:
         raise ValueError("VAE and DiT latent layouts do not match (" + "; ".join(diff) + ")")

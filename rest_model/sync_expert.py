@@ -32,7 +32,7 @@ import torchaudio
 from einops import rearrange
 from torch import nn
 
-from .config import SyncExpertConfig
+from .config import SyncExpertConfig, latent_layout
 from .metrics import MOUTH_ROI
 
 
@@ -69,7 +69,7 @@ class SyncExpert(nn.Module):
 def check_fits(cfg: SyncExpertConfig, other, what: str) -> None:
     """Refuse a VAE or DiT config whose latent layout (and, for a DiT, frame and audio rate) the expert was not
     trained on."""
-    pairs = {k: getattr(other, k) for k in ("latent_channels", "spatial_compression", "temporal_compression")}
+    pairs = latent_layout(other)
     if hasattr(other, "audio"):
         pairs |= {"resolution": other.resolution, "fps": other.fps, "samples_per_frame": other.audio.samples_per_frame}
     diff = [f"{k}: expert {getattr(cfg, k)} vs {what} {v}" for k, v in pairs.items() if getattr(cfg, k) != v]
