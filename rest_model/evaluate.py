@@ -482,6 +482,7 @@ def evaluate(vae_path: str, dit_paths: list[str], data: str, teacher: str | None
     if any(c.get("split") == "train" for c in index["clips"]):
         ceiling["latent_probe"] = latent_mouth_probe(vae, load_test_clips(data, res, "train", PROBE_CLIPS)[0], clips)
     rows = [gt.summary(), ceiling]
+    names = model_names(dit_paths)
     for path in dit_paths:
         dit = first_dit if path == dit_paths[0] else checkpoint.load_dit(path, device)
         try:
@@ -492,7 +493,7 @@ def evaluate(vae_path: str, dit_paths: list[str], data: str, teacher: str | None
             raise ValueError(f"{path} runs at {dit.cfg.resolution}px {dit.cfg.fps} fps, {dit_paths[0]} at "
                              f"{res}px {fps} fps: compare models of one preset")
         is_teacher = teacher is not None and path == teacher
-        name = Path(path).stem + (f" cfg {teacher_guidance:g}" if is_teacher and teacher_guidance != 1 else "")
+        name = names[path] + (f" cfg {teacher_guidance:g}" if is_teacher and teacher_guidance != 1 else "")
         row = Row(name, "teacher (non-streaming)" if is_teacher else "streaming")
         t0, frames_made = time.perf_counter(), 0
         for i, c in enumerate(clips):
@@ -518,6 +519,13 @@ def evaluate(vae_path: str, dit_paths: list[str], data: str, teacher: str | None
         r["clips"] = len(clips)
     return dict(metric_check=check, models=rows, minutes=minutes, clips=[c.name for c in clips],
                 identities=sorted({c.identity for c in clips}), split=split, data=str(data))
+
+
+def model_names(paths: list[str]) -> dict:
+    """Each model's row name: its file's stem, or with its folder where stems repeat (runs of one stage write
+    files of one name)."""
+    stems = [Path(p).stem for p in paths]
+    return {p: f"{Path(p).parent.name}/{s}" if stems.count(s) > 1 else s for p, s in zip(paths, stems)}
 
 
 def cmd_eval(args) -> int:

@@ -243,6 +243,12 @@ def test_eval_long_stream_from_several_portraits(tiny, tiny_dataset, tmp_path, c
     assert "--long-portraits 3 needs as many test clips" in capsys.readouterr().err
 
 
+def test_eval_names_rows_by_file_and_by_folder_where_files_share_a_name():
+    from rest_model.evaluate import model_names
+    paths = ["runs/a/student_asd.safetensors", "runs/b/student_asd.safetensors", "runs/a/student_init.safetensors"]
+    assert model_names(paths) == {paths[0]: "a/student_asd", paths[1]: "b/student_asd", paths[2]: "student_init"}
+
+
 def test_long_stream_replays_its_first_window_every_minute_and_at_the_end():
     from rest_model.evaluate import long_stream_audio
     rng = np.random.default_rng(0)
