@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# A controlled drift study at the tiny preset (32x32, a 2-block DiT): the four REST stages trained from scratch on
+# the demo's procedural faces, then the causal student before ASD and after it, each streamed for 10 minutes from
+# 3 held-out portraits (eval --long-portraits 3). The shipped demo student does not drift even before ASD, so it
+# cannot show what ASD does to drift. This run asks whether a smaller student, with a longer rolling Context-Cache
+# (8 latent frames of its own output instead of the preset's 2, so more room for its errors to feed back), drifts
+# before ASD, and what ASD does to it. It asks the same of a weaker student (100 init steps), distilled at two
+# context re-noise levels. README's "A controlled drift study" has the results. About an hour on 2 CPU cores.
+# Every stage resumes from its last snapshot.
+#   bash scripts/drift_study.sh [RUN_DIR]      (default runs/tiny)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${1:-runs/tiny}
+PY=.venv/bin/python
+bash scripts/setup_env.sh
+# the demo's dataset (scripts/train_demo.sh), rendered at the tiny preset's 32 pixels
+[ -f "$RUN/synth/.done" ] || { $PY -m rest_model synth --out "$RUN/synth" --n 400 --seconds 6 --identities 100 \
+    --seed 0 --speech espeak && touch "$RUN/synth/.done"; }
+[ -f "$RUN/data/index.json" ] || $PY -m rest_model prepare --videos "$RUN/synth" --out "$RUN/data" --preset tiny
+common=(--data "$RUN/data" --preset tiny --batch 8 --chunks 4 --save-every 100)
+$PY -m rest_model train-vae "${common[@]}" --out "$RUN/vae" --steps 3000 --lr 1e-3 --face-weight 1 --mouth-weight 6
+VAE="$RUN/vae/rest_vae.safetensors"
+$PY -m rest_model train-teacher "${common[@]}" --out "$RUN/teacher" --vae "$VAE" --steps 4000 --lr 1e-3 \
+    --mouth-weight 6
+TEACHER="$RUN/teacher/teacher.safetensors"
+# a student stage with an 8-latent-frame rolling cache, on clips of 8 chunks (16 latent frames) so that the cache
+# fills and rolls within each training clip: student STAGE OUT [ARGS]
+student() { local stage=$1 out=$2; shift 2
+  $PY -m rest_model "$stage" "${common[@]}" --chunks 8 --out "$out" --vae "$VAE" --teacher "$TEACHER" \
+      --mouth-weight 6 --audio-guidance 4 "$@"; }
+student init-student "$RUN/student" --context-frames 8 --steps 400 --lr 5e-4
+student distill "$RUN/student" --student "$RUN/student/student_init.safetensors" --steps 300 --lr 2e-4
+# a weaker student (100 init steps), distilled with its context re-noised lightly (t_ctx 0.1, the default) and
+# more (0.4: the teacher then redraws more of the student's own context instead of carrying it on)
+student init-student "$RUN/weak" --context-frames 8 --steps 100 --lr 5e-4
+for t in 0.1 0.4; do
+  student distill "$RUN/weak_tctx$t" --student "$RUN/weak/student_init.safetensors" --steps 300 --lr 2e-4 --t-ctx $t
+done
+$PY -m rest_model eval --vae "$VAE" --data "$RUN/data" --minutes 10 --long-portraits 3 --json "$RUN/eval_drift.json" \
+    --dit "$RUN/student/student_init.safetensors" --dit "$RUN/student/student_asd.safetensors" \
+    --dit "$RUN/weak/student_init.safetensors" --dit "$RUN/weak_tctx0.1/student_asd.safetensors" \
+    --dit "$RUN/weak_tctx0.4/student_asd.safetensors"
