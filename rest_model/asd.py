@@ -16,8 +16,10 @@ context held at t_ctx; one step is its denoised estimate x_t - t_j v_T) is the t
 A few solve steps give a sharper target than the one-step estimate, which at t_j ~ 0.5 is the blurry
 conditional mean.
 
-Because the context is the student's own, the teacher shows it how to correct the drift it creates:
-that is what stops error accumulation over long streams. A teacher-forced flow-matching term on real
+Because the context is the student's own, the teacher is meant to show it how to correct the drift it creates;
+that is REST's argument against error accumulation over long streams. Measured here (README, "A controlled drift
+study"), no student drifts before ASD, and from a weak student ASD makes the first minute's identity loss larger:
+the target continues the student's context more than it pulls it back to the portrait. A teacher-forced flow-matching term on real
 clips (weight `real_weight`) keeps the student anchored to data.
 
 Optional distribution term (`dmd_weight`, DMD / DMD2): regression onto a solve pulls the student towards the
