@@ -157,6 +157,10 @@ def asd_loss(student, teacher, vae, batch, margin, g, t_ctx: float = 0.1, t_min:
 
 @distributed.launched
 def cmd_distill(args) -> int:
+    # the schedule is asynchronous only if the context is cleaner than the chunk it conditions
+    if not 0 <= args.t_ctx < args.t_min <= args.t_max <= 1:
+        raise ValueError(f"distill needs 0 <= --t-ctx < --t-min <= --t-max <= 1, got --t-ctx {args.t_ctx} "
+                         f"--t-min {args.t_min} --t-max {args.t_max}")
     for flag in ("dmd_weight", "sync_weight"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
@@ -190,8 +194,8 @@ def register(sub):
     p = sub.add_parser("distill", help="stage 4: Asynchronous Streaming Distillation of the 2-step student")
     add_common_args(p, needs=("vae", "teacher", "student"))
     p.add_argument("--t-ctx", type=float, default=0.1, help="re-noise level of the student's own context")
-    p.add_argument("--t-min", type=float, default=0.2)
-    p.add_argument("--t-max", type=float, default=0.7)
+    p.add_argument("--t-min", type=float, default=0.2, help="the current chunk is re-noised to t_j ~ U(t-min, t-max)")
+    p.add_argument("--t-max", type=float, default=0.7, help="(0 = clean, 1 = pure noise)")
     p.add_argument("--solve-steps", type=int, default=3, help="teacher Euler steps from t_j to 0 for the target")
     p.add_argument("--real-weight", type=float, default=0.25, help="teacher-forced flow matching on real clips")
     p.add_argument("--dmd-weight", type=float, default=0.0, help="weight of the distribution-matching (DMD) term, "
