@@ -157,9 +157,9 @@ def asd_loss(student, teacher, vae, batch, margin, g, t_ctx: float = 0.1, t_min:
 
 @distributed.launched
 def cmd_distill(args) -> int:
-    # the schedule is asynchronous only if the context is cleaner than the chunk it conditions
-    if not 0 <= args.t_ctx < args.t_min <= args.t_max <= 1:
-        raise ValueError(f"distill needs 0 <= --t-ctx < --t-min <= --t-max <= 1, got --t-ctx {args.t_ctx} "
+    # noise levels run from 0 (clean) to 1 (pure noise); a context of pure noise would tell the teacher nothing
+    if not (0 <= args.t_ctx < 1 and 0 < args.t_min <= args.t_max <= 1):
+        raise ValueError(f"distill needs 0 <= --t-ctx < 1 and 0 < --t-min <= --t-max <= 1, got --t-ctx {args.t_ctx} "
                          f"--t-min {args.t_min} --t-max {args.t_max}")
     for flag in ("dmd_weight", "sync_weight"):
         if getattr(args, flag) < 0:

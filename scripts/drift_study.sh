@@ -4,8 +4,8 @@
 # 3 held-out portraits (eval --long-portraits 3). The shipped demo student does not drift even before ASD, so it
 # cannot show what ASD does to drift. This run asks whether a smaller student, with a longer rolling Context-Cache
 # (8 latent frames of its own output instead of the preset's 2, so more room for its errors to feed back), drifts
-# before ASD, and what ASD does to it. It asks the same of a weaker student (100 init steps), distilled at two
-# context re-noise levels. README's "A controlled drift study" has the results. About an hour on 2 CPU cores.
+# before ASD, and what ASD does to it. It asks the same of a weaker student (100 init steps), distilled under four
+# noise schedules. README's "A controlled drift study" has the results. About 80 minutes on 2 CPU cores.
 # Every stage resumes from its last snapshot.
 #   bash scripts/drift_study.sh [RUN_DIR]      (default runs/tiny)
 set -euo pipefail
@@ -30,13 +30,17 @@ student() { local stage=$1 out=$2; shift 2
       --mouth-weight 6 --audio-guidance 4 "$@"; }
 student init-student "$RUN/student" --context-frames 8 --steps 400 --lr 5e-4
 student distill "$RUN/student" --student "$RUN/student/student_init.safetensors" --steps 300 --lr 2e-4
-# a weaker student (100 init steps), distilled with its context re-noised lightly (t_ctx 0.1, the default) and
-# more (0.4: the teacher then redraws more of the student's own context instead of carrying it on)
+# a weaker student (100 init steps), distilled under four asynchronous schedules (t_ctx, t_min, t_max): the default;
+# its context re-noised more (the teacher then redraws more of the student's context); and its current chunk
+# re-noised more (less of the student's chunk survives into the teacher's target)
 student init-student "$RUN/weak" --context-frames 8 --steps 100 --lr 5e-4
-for t in 0.1 0.4; do
-  student distill "$RUN/weak_tctx$t" --student "$RUN/weak/student_init.safetensors" --steps 300 --lr 2e-4 --t-ctx $t
+dits=("$RUN/student/student_init.safetensors" "$RUN/student/student_asd.safetensors" "$RUN/weak/student_init.safetensors")
+for arm in "0.1 0.2 0.7" "0.4 0.2 0.7" "0.1 0.5 0.95" "0.1 0.8 1.0"; do
+  read -r ctx lo hi <<< "$arm"
+  out="$RUN/weak_ctx${ctx}_t${lo}-${hi}"
+  student distill "$out" --student "$RUN/weak/student_init.safetensors" --steps 300 --lr 2e-4 \
+      --t-ctx "$ctx" --t-min "$lo" --t-max "$hi"
+  dits+=("$out/student_asd.safetensors")
 done
 $PY -m rest_model eval --vae "$VAE" --data "$RUN/data" --minutes 10 --long-portraits 3 --json "$RUN/eval_drift.json" \
-    --dit "$RUN/student/student_init.safetensors" --dit "$RUN/student/student_asd.safetensors" \
-    --dit "$RUN/weak/student_init.safetensors" --dit "$RUN/weak_tctx0.1/student_asd.safetensors" \
-    --dit "$RUN/weak_tctx0.4/student_asd.safetensors"
+    "${dits[@]/#/--dit=}"
