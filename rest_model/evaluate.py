@@ -402,7 +402,8 @@ def format_report(check: dict, rows: list[dict], minutes: float) -> str:
              "  audio shifted by: " + ", ".join(f"{k} -> found {v:+.0f}f" for k, v in check["shift_found"].items()),
              f"  offset error {check['shift_mean_abs_error_frames']:.2f} frames on average, "
              f"{100 * check['shift_within_1_frame']:.0f}% within one frame", ""]
-    head = (f"{'model':<28} {'kind':<24} {'sync':>6} {'chance':>6} {'|off|':>5} {'conf':>6} {'in-grp':>6} "
+    w = max(28, *(len(r["name"]) for r in rows))  # names of runs' files are compared whole
+    head = (f"{'model':<{w}} {'kind':<24} {'sync':>6} {'chance':>6} {'|off|':>5} {'conf':>6} {'in-grp':>6} "
             f"{'flicker':>7} "
             f"{'PSNR@0':>7} {'SSIM@0':>6} {'PSNR@end':>8} {'SSIM@end':>8} {'drift dB':>12} {'sync@0':>6} "
             f"{'sync@end':>8} {'fps':>6}")
@@ -411,7 +412,7 @@ def format_report(check: dict, rows: list[dict], minutes: float) -> str:
               f"{_fmt(next((r['drift_window_s'] for r in rows if r.get('drift_window_s')), None), 'g')} s of "
               f"{minutes:g} min of streaming{_streams(rows)}):", head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['name'][:28]:<28} {r['kind'][:24]:<24} {_fmt(r['sync']):>6} {_fmt(r.get('sync_chance')):>6} "
+        lines.append(f"{r['name']:<{w}} {r['kind'][:24]:<24} {_fmt(r['sync']):>6} {_fmt(r.get('sync_chance')):>6} "
                      f"{_fmt(r['abs_offset'], '.1f'):>5} "
                      f"{_fmt(r['confidence']):>6} {_fmt(r.get('mouth_motion_in_group'), '.2f'):>6} "
                      f"{_fmt(r['flicker'], '.2f'):>7} {_fmt(r.get('id_psnr_start'), '.2f'):>7} "
