@@ -5,7 +5,7 @@
 # cannot show what ASD does to drift. This run asks whether a smaller student, with a longer rolling Context-Cache
 # (8 latent frames of its own output instead of the preset's 2, so more room for its errors to feed back), drifts
 # before ASD, and what ASD does to it. It asks the same of a weaker student (100 init steps), distilled under four
-# noise schedules. README's "A controlled drift study" has the results. About 90 minutes on 2 CPU cores.
+# noise schedules. README's "A controlled drift study" has the results. About 100 minutes on 2 CPU cores.
 # Every stage resumes from its last snapshot.
 #   bash scripts/drift_study.sh [RUN_DIR]      (default runs/tiny)
 set -euo pipefail
@@ -33,12 +33,18 @@ student distill "$RUN/student" --student "$RUN/student/student_init.safetensors"
 # and with its current chunk re-noised more (t_j from 0.5: less of the student's own chunk survives into the target)
 student distill "$RUN/student_t0.5-0.95" --student "$RUN/student/student_init.safetensors" --steps 300 --lr 2e-4 \
     --t-min 0.5 --t-max 0.95
+# the equal-step control: the same student's ODE init run on to 700 steps (its 400 + ASD's 300) without ASD; it
+# resumes from the 400-step snapshot, so its learning rate follows the 700-step schedule from there
+mkdir -p "$RUN/student700"
+[ -f "$RUN/student700/student.state.safetensors" ] || cp "$RUN/student/student.state.safetensors" "$RUN/student700/"
+student init-student "$RUN/student700" --context-frames 8 --steps 700 --lr 5e-4
 # a weaker student (100 init steps), distilled under four asynchronous schedules (t_ctx, t_min, t_max): the default;
 # its context re-noised more (the teacher then redraws more of the student's context); and its current chunk
 # re-noised more (less of the student's chunk survives into the teacher's target)
 student init-student "$RUN/weak" --context-frames 8 --steps 100 --lr 5e-4
 dits=("$RUN/student/student_init.safetensors" "$RUN/student/student_asd.safetensors"
-      "$RUN/student_t0.5-0.95/student_asd.safetensors" "$RUN/weak/student_init.safetensors")
+      "$RUN/student_t0.5-0.95/student_asd.safetensors" "$RUN/student700/student_init.safetensors"
+      "$RUN/weak/student_init.safetensors")
 for arm in "0.1 0.2 0.7" "0.4 0.2 0.7" "0.1 0.5 0.95" "0.1 0.8 1.0"; do
   read -r ctx lo hi <<< "$arm"
   out="$RUN/weak_ctx${ctx}_t${lo}-${hi}"
