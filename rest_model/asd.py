@@ -19,8 +19,8 @@ conditional mean.
 Because the context is the student's own, the teacher is meant to show it how to correct the drift it creates;
 that is REST's argument against error accumulation over long streams. Measured here (README, "A controlled drift
 study"), no student drifts before ASD, and from a weak student ASD makes the first minute's identity loss larger:
-the target continues the student's context more than it pulls it back to the portrait. A teacher-forced flow-matching term on real
-clips (weight `real_weight`) keeps the student anchored to data.
+the target continues the student's context more than it pulls it back to the portrait. A teacher-forced
+flow-matching term on real clips (weight `real_weight`) keeps the student anchored to data.
 
 Optional distribution term (`dmd_weight`, DMD / DMD2): regression onto a solve pulls the student towards the
 teacher's conditional *mean* from its own noised chunk; distribution matching instead moves each of the

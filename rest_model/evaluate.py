@@ -402,7 +402,7 @@ def format_report(check: dict, rows: list[dict], minutes: float) -> str:
              "  audio shifted by: " + ", ".join(f"{k} -> found {v:+.0f}f" for k, v in check["shift_found"].items()),
              f"  offset error {check['shift_mean_abs_error_frames']:.2f} frames on average, "
              f"{100 * check['shift_within_1_frame']:.0f}% within one frame", ""]
-    w = max(28, *(len(r["name"]) for r in rows))  # names of runs' files are compared whole
+    w = max(28, *(len(r["name"]) for r in rows))  # never cut a name: runs told apart by folder differ at the end
     head = (f"{'model':<{w}} {'kind':<24} {'sync':>6} {'chance':>6} {'|off|':>5} {'conf':>6} {'in-grp':>6} "
             f"{'flicker':>7} "
             f"{'PSNR@0':>7} {'SSIM@0':>6} {'PSNR@end':>8} {'SSIM@end':>8} {'drift dB':>12} {'sync@0':>6} "

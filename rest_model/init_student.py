@@ -97,9 +97,9 @@ def load_student_stage(args, student_path: str):
     # same frames, cut into the same chunks (its asynchronous schedule is per chunk). How far back the student's
     # rolling cache reaches is the student's own: the bidirectional teacher sees every earlier chunk anyway.
     t, s = teacher.cfg, student.cfg
-    differ = {k: (getattr(t, k), getattr(s, k)) for k in ("resolution", "fps") if getattr(t, k) != getattr(s, k)}
-    if t.stream.chunk_frames != s.stream.chunk_frames:
-        differ["stream.chunk_frames"] = (t.stream.chunk_frames, s.stream.chunk_frames)
+    pairs = {"resolution": (t.resolution, s.resolution), "fps": (t.fps, s.fps),
+             "stream.chunk_frames": (t.stream.chunk_frames, s.stream.chunk_frames)}
+    differ = {k: ab for k, ab in pairs.items() if ab[0] != ab[1]}
     if differ:
         raise ValueError(f"the teacher {args.teacher} and the student {student_path} differ in {', '.join(differ)}: "
                          f"{[a for a, _ in differ.values()]} vs {[b for _, b in differ.values()]}")
