@@ -60,8 +60,11 @@ def cmd_generate(args) -> int:
     decode_device = _device("--decode-device", args.decode_device) if args.decode_device else device
     vae, dit = _models(args)
     vae.to(decode_device), dit.to(device)
-    cfg = dataclasses.replace(dit.cfg.stream, **{k: v for k, v in dict(
-        steps=args.steps, chunk_frames=args.chunk, context_frames=args.context).items() if v is not None})
+    try:
+        cfg = dataclasses.replace(dit.cfg.stream, **{k: v for k, v in dict(
+            steps=args.steps, chunk_frames=args.chunk, context_frames=args.context).items() if v is not None})
+    except ValueError as e:
+        raise ValueError(f"--steps / --chunk / --context: {e}") from None
     portrait = media.fit_portrait(media.load_image(args.image), dit.cfg.resolution, args.crop)
     wave, sr = media.load_audio(args.audio)
     total = media_frames = None

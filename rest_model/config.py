@@ -104,6 +104,18 @@ class StreamConfig:
     steps: int = 2  # Euler steps per chunk (distilled student: 2)
     shift: float = 1.0  # timestep shift of the flow schedule (SD3-style), 1 = uniform
 
+    def __post_init__(self):
+        # every entry point (generate's flags, the nodes, init-student, a checkpoint's header) builds one of these,
+        # so a bad value is named here rather than as a shape error deep in the DiT
+        if self.chunk_frames < 1 or self.steps < 1:
+            raise ValueError(f"a stream needs chunk_frames >= 1 and steps >= 1, got chunk_frames {self.chunk_frames}, "
+                             f"steps {self.steps}")
+        if self.context_frames < 0:
+            raise ValueError(f"context_frames must be >= 0 (0: the ID-Sink alone, no rolling Context-Cache), "
+                             f"got {self.context_frames}")
+        if not self.shift > 0:
+            raise ValueError(f"the flow schedule's shift must be > 0, got {self.shift}")
+
 
 @dataclass
 class LatentLayout:

@@ -110,9 +110,10 @@ def load_student_stage(args, student_path: str):
 def cmd_init_student(args) -> int:
     vae, teacher, student = load_student_stage(args, args.teacher)  # the student starts as the teacher
     if args.context_frames is not None:
-        if args.context_frames < 1:
-            raise ValueError(f"--context-frames must be >= 1, got {args.context_frames}")
-        stream_cfg = dataclasses.replace(student.cfg.stream, context_frames=args.context_frames)
+        try:
+            stream_cfg = dataclasses.replace(student.cfg.stream, context_frames=args.context_frames)
+        except ValueError as e:
+            raise ValueError(f"--context-frames: {e}") from None
         student.cfg = dataclasses.replace(student.cfg, stream=stream_cfg)
     draw, margin = clip_sampler(args, student.cfg)
     weights = latent_mouth_weights(student.cfg, args.mouth_weight)
@@ -132,8 +133,9 @@ def register(sub):
     p.add_argument("--teacher-steps", type=int, default=8, help="Euler steps of the teacher's ODE solve")
     p.add_argument("--context-frames", type=int,
                    help="latent frames in the student's rolling Context-Cache (default: the teacher's, i.e. the "
-                        "preset's); distill and inference keep the student's. Train on clips longer than the cache "
-                        "(--chunks x chunk frames) or it never fills")
+                        "preset's); distill and inference keep the student's. 0: the ID-Sink alone, each chunk made "
+                        "from the portrait and its audio only (an ablation: nothing of its own output feeds back). "
+                        "Train on clips longer than the cache (--chunks x chunk frames) or it never fills")
     add_mouth_weight_arg(p)
     add_audio_guidance_arg(p)
     p.set_defaults(fn=cmd_init_student)

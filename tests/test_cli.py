@@ -80,6 +80,10 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     rc = main(["generate", "--random-weights", "--image", str(tmp_path / "p.png"), "--audio",
                str(_wav(tmp_path / "s.wav", 0.3)), "--out", str(tmp_path / "o.mp4"), "--decode-device", "gpu1"])
     assert rc == 2 and "--decode-device 'gpu1' is not a device" in capsys.readouterr().err
+    for flags, says in ((["--context", "-1"], "context_frames must be >= 0"), (["--steps", "0"], "steps >= 1")):
+        rc = main(["generate", "--random-weights", "--image", str(tmp_path / "p.png"), "--audio",
+                   str(tmp_path / "s.wav"), "--out", str(tmp_path / "o.mp4"), *flags])
+        assert rc == 2 and says in capsys.readouterr().err
     tiny_img = _png(tmp_path / "t.png", "RGB", (5, 40))
     rc = main(["generate", "--random-weights", "--image", str(tiny_img), "--audio", str(_wav(tmp_path / "s.wav", 0.3)),
                "--out", str(tmp_path / "o.mp4")])

@@ -58,6 +58,28 @@ def test_changing_audio_after_a_chunk_leaves_earlier_chunks_bit_identical(tiny):
             assert not torch.allclose(ca.frames, cb.frames), f"chunk {ca.index} ignores its own audio"
 
 
+def test_a_sink_only_stream_forgets_what_came_before(tiny):
+    """context_frames 0 keeps the ID-Sink alone: a change to the first chunk's speech reaches no chunk whose own
+    audio windows do not hear it. With a rolling Context-Cache it runs on through every later chunk."""
+    vae, dit = tiny
+    d = dit.cfg
+    spf, per_chunk = d.audio.samples_per_frame, d.stream.chunk_frames * d.temporal_compression
+    wave = speech_like(2.0, 16000)
+    other = wave.clone()
+    other[:per_chunk * spf] = speech_like(2.0, 16000, seed=9)[:per_chunk * spf]
+    # the latest chunk index whose audio windows (plus the encoder's reach back) can hear the first chunk's speech
+    heard = -(-(per_chunk + (d.audio_context * d.temporal_compression + d.audio.context_frames)) // per_chunk)
+    for context, same_later in ((0, True), (d.stream.context_frames, False)):
+        cfg = dataclasses.replace(d.stream, context_frames=context)
+        a, b = (list(stream(vae, dit, _portrait(dit), AudioSource.whole(w, 16000), cfg, seed=3, decode=False))
+                for w in (wave, other))
+        assert not torch.equal(a[0].latent, b[0].latent)
+        later = [torch.equal(ca.latent, cb.latent) for ca, cb in zip(a[heard + 1:], b[heard + 1:])]
+        assert later and all(x == same_later for x in later), (context, later)
+    with pytest.raises(ValueError, match="context_frames must be >= 0"):
+        dataclasses.replace(d.stream, context_frames=-1)
+
+
 def test_carried_state_is_bounded_over_a_long_stream(tiny):
     vae, dit = tiny
     wave = speech_like(12.0, 16000)

@@ -338,8 +338,9 @@ def test_student_context_cache_length_is_set_at_init_and_kept_by_distill(tmp_pat
     assert main(["train-teacher", *common]) == 0
     teacher = checkpoint.load_dit(run / "teacher.safetensors")
     student = ["init-student", *common, "--teacher", str(run / "teacher.safetensors"), "--teacher-steps", "2"]
-    assert main([*student, "--context-frames", "0"]) == 2
-    assert "--context-frames must be >= 1" in capsys.readouterr().err
+    assert main([*student, "--context-frames", "-1"]) == 2
+    assert "--context-frames: context_frames must be >= 0" in capsys.readouterr().err
+    assert not (run / "student_init.safetensors").exists()
     assert main([*student, "--context-frames", str(teacher.cfg.stream.context_frames + 2)]) == 0
     init = checkpoint.load_dit(run / "student_init.safetensors")
     assert init.cfg.stream.context_frames == teacher.cfg.stream.context_frames + 2
