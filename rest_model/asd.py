@@ -18,9 +18,11 @@ conditional mean.
 
 Because the context is the student's own, the teacher is meant to show it how to correct the drift it creates;
 that is REST's argument against error accumulation over long streams. Measured here (README, "A controlled drift
-study"), no student drifts before ASD, and from a weak student ASD makes the first minute's identity loss larger:
-the target continues the student's context more than it pulls it back to the portrait. A teacher-forced
-flow-matching term on real clips (weight `real_weight`) keeps the student anchored to data.
+study"): with a short rolling cache no student drifts before ASD; with a long one (24 latent frames) it does, and
+what ASD does to that depends on the teacher. The teacher must have learned on clips as long as the rollouts it
+judges (`--chunks`): asked for chunks after more context than it ever saw, its targets carry the drift on, and ASD
+doubles it. A teacher-forced flow-matching term on real clips (weight `real_weight`) keeps the student anchored
+to data.
 
 Optional distribution term (`dmd_weight`, DMD / DMD2): regression onto a solve pulls the student towards the
 teacher's conditional *mean* from its own noised chunk; distribution matching instead moves each of the

@@ -5,7 +5,9 @@
 # cannot show what ASD does to drift. This run asks whether a smaller student, with a longer rolling Context-Cache
 # (8 latent frames of its own output instead of the preset's 2, so more room for its errors to feed back), drifts
 # before ASD, and what ASD does to it. It asks the same of a weaker student (100 init steps), distilled under four
-# noise schedules. README's "A controlled drift study" has the results. About 100 minutes on 2 CPU cores.
+# noise schedules. Then a student with a 24-frame cache, which does drift before ASD, distilled by the teacher
+# and by a teacher fine-tuned on clips as long as the student's, against a sink-only student (no rolling cache)
+# and equal-step controls. README's "A controlled drift study" has the results. About 3.5 hours on 2 CPU cores.
 # Every stage resumes from its last snapshot.
 #   bash scripts/drift_study.sh [RUN_DIR]      (default runs/tiny)
 set -euo pipefail
@@ -54,3 +56,33 @@ for arm in "0.1 0.2 0.7" "0.4 0.2 0.7" "0.1 0.5 0.95" "0.1 0.8 1.0"; do
 done
 $PY -m rest_model eval --vae "$VAE" --data "$RUN/data" --minutes 10 --long-portraits 3 --json "$RUN/eval_drift.json" \
     "${dits[@]/#/--dit=}"
+
+# --- a 24-latent-frame rolling cache (3.8 s of the student's own output), on clips of 16 chunks (32 latent frames,
+# nearly the 6 s clips' 37) so that it fills and rolls within each clip
+long() { local stage=$1 out=$2; shift 2; student "$stage" "$out" --chunks 16 "$@"; }
+long init-student "$RUN/long" --context-frames 24 --steps 400 --lr 5e-4
+long distill "$RUN/long" --student "$RUN/long/student_init.safetensors" --steps 300 --lr 2e-4
+# the floor of the measure: a student with the ID-Sink alone, whose chunks cannot inherit each other's errors
+student init-student "$RUN/sink_only" --context-frames 0 --steps 400 --lr 5e-4
+# the equal-step control, as above
+mkdir -p "$RUN/long700"
+[ -f "$RUN/long700/student.state.safetensors" ] || cp "$RUN/long/student.state.safetensors" "$RUN/long700/"
+long init-student "$RUN/long700" --context-frames 24 --steps 700 --lr 5e-4
+# the teacher learned on clips of 8 latent frames, but ASD asks it for chunks after up to 30 frames of context:
+# the same teacher, fine-tuned for 1000 steps on clips of 32
+$PY -m rest_model train-teacher "${common[@]}" --chunks 16 --out "$RUN/teacher_long" --vae "$VAE" --init "$TEACHER" \
+    --steps 1000 --lr 5e-4 --mouth-weight 6
+TEACHER="$RUN/teacher_long/teacher.safetensors"
+long distill "$RUN/long_tlong" --student "$RUN/long/student_init.safetensors" --steps 300 --lr 2e-4
+long distill "$RUN/long_tlong_t0.5-0.95" --student "$RUN/long/student_init.safetensors" --steps 300 --lr 2e-4 \
+    --t-min 0.5 --t-max 0.95
+# and the equal-step control under the fine-tuned teacher: the 400-step init run on to 700 steps against its solves
+mkdir -p "$RUN/long700_tlong"
+[ -f "$RUN/long700_tlong/student.state.safetensors" ] || cp "$RUN/long/student.state.safetensors" "$RUN/long700_tlong/"
+long init-student "$RUN/long700_tlong" --context-frames 24 --steps 700 --lr 5e-4
+long_dits=("$RUN/long/student_init.safetensors" "$RUN/long700/student_init.safetensors"
+           "$RUN/long700_tlong/student_init.safetensors"
+           "$RUN/long/student_asd.safetensors" "$RUN/long_tlong/student_asd.safetensors"
+           "$RUN/long_tlong_t0.5-0.95/student_asd.safetensors" "$RUN/sink_only/student_init.safetensors")
+$PY -m rest_model eval --vae "$VAE" --data "$RUN/data" --minutes 10 --long-portraits 3 \
+    --json "$RUN/eval_long_cache.json" "${long_dits[@]/#/--dit=}"
