@@ -36,10 +36,13 @@ student distill "$RUN/student" --student "$RUN/student/student_init.safetensors"
 student distill "$RUN/student_t0.5-0.95" --student "$RUN/student/student_init.safetensors" --steps 300 --lr 2e-4 \
     --t-min 0.5 --t-max 0.95
 # the equal-step control: the same student's ODE init run on to 700 steps (its 400 + ASD's 300) without ASD; it
-# resumes from the 400-step snapshot, so its learning rate follows the 700-step schedule from there
-mkdir -p "$RUN/student700"
-[ -f "$RUN/student700/student.state.safetensors" ] || cp "$RUN/student/student.state.safetensors" "$RUN/student700/"
-student init-student "$RUN/student700" --context-frames 8 --steps 700 --lr 5e-4
+# resumes from the 400-step snapshot, so its learning rate follows the 700-step schedule from there:
+# control FROM OUT STAGE_FN [ARGS]
+control() { local from=$1 out=$2 fn=$3; shift 3
+  mkdir -p "$out"
+  [ -f "$out/student.state.safetensors" ] || cp "$from/student.state.safetensors" "$out/"
+  "$fn" init-student "$out" --steps 700 --lr 5e-4 "$@"; }
+control "$RUN/student" "$RUN/student700" student --context-frames 8
 # a weaker student (100 init steps), distilled under four asynchronous schedules (t_ctx, t_min, t_max): the default;
 # its context re-noised more (the teacher then redraws more of the student's context); and its current chunk
 # re-noised more (less of the student's chunk survives into the teacher's target)
@@ -65,9 +68,7 @@ long distill "$RUN/long" --student "$RUN/long/student_init.safetensors" --steps 
 # the floor of the measure: a student with the ID-Sink alone, whose chunks cannot inherit each other's errors
 student init-student "$RUN/sink_only" --context-frames 0 --steps 400 --lr 5e-4
 # the equal-step control, as above
-mkdir -p "$RUN/long700"
-[ -f "$RUN/long700/student.state.safetensors" ] || cp "$RUN/long/student.state.safetensors" "$RUN/long700/"
-long init-student "$RUN/long700" --context-frames 24 --steps 700 --lr 5e-4
+control "$RUN/long" "$RUN/long700" long --context-frames 24
 # the teacher learned on clips of 8 latent frames, but ASD asks it for chunks after up to 30 frames of context:
 # the same teacher, fine-tuned for 1000 steps on clips of 32
 $PY -m rest_model train-teacher "${common[@]}" --chunks 16 --out "$RUN/teacher_long" --vae "$VAE" --init "$TEACHER" \
@@ -77,9 +78,7 @@ long distill "$RUN/long_tlong" --student "$RUN/long/student_init.safetensors" --
 long distill "$RUN/long_tlong_t0.5-0.95" --student "$RUN/long/student_init.safetensors" --steps 300 --lr 2e-4 \
     --t-min 0.5 --t-max 0.95
 # and the equal-step control under the fine-tuned teacher: the 400-step init run on to 700 steps against its solves
-mkdir -p "$RUN/long700_tlong"
-[ -f "$RUN/long700_tlong/student.state.safetensors" ] || cp "$RUN/long/student.state.safetensors" "$RUN/long700_tlong/"
-long init-student "$RUN/long700_tlong" --context-frames 24 --steps 700 --lr 5e-4
+control "$RUN/long" "$RUN/long700_tlong" long --context-frames 24
 long_dits=("$RUN/long/student_init.safetensors" "$RUN/long700/student_init.safetensors"
            "$RUN/long700_tlong/student_init.safetensors"
            "$RUN/long/student_asd.safetensors" "$RUN/long_tlong/student_asd.safetensors"
