@@ -10,15 +10,22 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import DiTConfig, SyncExpertConfig, VAEConfig, check_compatible, from_json, to_json
+from .config import DiTConfig, VAEConfig, check_compatible, from_json, to_json
 from .dit import CausalDiT
-from .sync_expert import SyncExpert
 from .vae import CausalVAE
 
 FORMAT = "rest-node-pack"
 FORMAT_VERSION = 1
-KINDS = {"vae": (VAEConfig, CausalVAE), "dit": (DiTConfig, CausalDiT), "sync": (SyncExpertConfig, SyncExpert)}
+# kind -> (config class, module class). The core knows the two models inference needs; the training wing
+# adds its lip-sync expert with `register_kind` when rest_model.train.sync_expert is imported, so loading
+# a model for inference never imports training code.
+KINDS: dict[str, tuple[type, type]] = {"vae": (VAEConfig, CausalVAE), "dit": (DiTConfig, CausalDiT)}
 NAMES = {"vae": "REST VAE", "dit": "causal DiT", "sync": "lip-sync expert"}
+
+
+def register_kind(kind: str, cfg_cls: type, cls: type) -> None:
+    """Let `save`/`load` handle another model class (a training-only one) under the name `kind`."""
+    KINDS[kind] = (cfg_cls, cls)
 
 
 class CheckpointError(ValueError):
@@ -67,7 +74,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     version = int(meta.get("format_version", "0"))
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path} has format version {version}; this pack reads up to {FORMAT_VERSION}")
-    if meta.get("kind") not in KINDS or "config" not in meta:
+    if meta.get("kind") not in NAMES or "config" not in meta:
         raise CheckpointError(f"{path}: REST metadata lacks a valid kind/config")
     return meta
 
@@ -78,6 +85,8 @@ def load(path: str | os.PathLike, kind: str, device="cpu", dtype: torch.dtype | 
     meta = read_metadata(path)
     if meta["kind"] != kind:
         raise CheckpointError(f"{path} is a {NAMES[meta['kind']]} checkpoint, but a {NAMES[kind]} was expected")
+    if kind not in KINDS:
+        raise CheckpointError(f"{path} is a {NAMES[kind]} checkpoint, which only the training commands load")
     cfg_cls, cls = KINDS[kind]
     try:
         cfg = from_json(cfg_cls, meta["config"])

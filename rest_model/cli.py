@@ -1,9 +1,14 @@
-"""Command line: `python -m rest_model generate ...` (later: synth, prepare, train-*, distill, eval)."""
+"""Command line: `python -m rest_model generate | export | synth | prepare | train-vae | train-teacher |
+init-student | distill | train-sync | eval`.
+
+`generate` and `export` are the inference core's own and live here. The other sub-commands belong to
+the wings (data/, train/, eval/): `rest_model/__main__.py` imports them and hands their `register`
+functions to `main`, so the core never imports a wing.
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import logging
 import os
 import sys
@@ -24,9 +29,6 @@ DEMO_VAE = ROOT / "models" / "demo" / "rest_vae_demo.safetensors"
 DEMO_DIT = ROOT / "models" / "demo" / "rest_dit_demo.safetensors"
 DEMO_PORTRAIT = ROOT / "assets" / "portrait.png"
 DEMO_SPEECH = ROOT / "assets" / "speech.wav"
-# modules that add sub-commands: each has register(subparsers), adding parsers with set_defaults(fn=...)
-SUBCOMMANDS: list[str] = ["rest_model.train_vae", "rest_model.train_teacher", "rest_model.init_student",
-                         "rest_model.asd", "rest_model.train_sync", "rest_model.synth", "rest_model.data", "rest_model.evaluate"]
 
 
 def random_model(preset_name: str, seed: int = 0) -> tuple[CausalVAE, CausalDiT]:
@@ -99,7 +101,8 @@ def cmd_export(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(wings=()) -> argparse.ArgumentParser:
+    """The parser of the core's commands plus each wing module's (its `register(sub)` adds them)."""
     ap = argparse.ArgumentParser(prog="python -m rest_model", description=__doc__)
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -127,13 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="checkpoint to write")
     e.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     e.set_defaults(fn=cmd_export)
-    for module in SUBCOMMANDS:
-        importlib.import_module(module).register(sub)
+    for wing in wings:
+        wing.register(sub)
     return ap
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, wings=()) -> int:
+    args = build_parser(wings).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if getattr(args, "out", None):
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

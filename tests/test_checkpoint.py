@@ -115,7 +115,7 @@ def test_save_is_atomic(tiny, tmp_path):
 def test_float16_export_halves_the_file_and_loads_as_float32(tiny, files, tmp_path):
     """`export --dtype float16` (how the demo model ships): half the bytes, float32 modules, same outputs
     to float16 rounding; a non-float buffer keeps its dtype."""
-    from rest_model.cli import main
+    from rest_model.__main__ import main
     vae, dit = tiny
     out = tmp_path / "dit16.safetensors"
     assert main(["export", "--in", str(files[1]), "--out", str(out), "--dtype", "float16"]) == 0

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from rest_model import checkpoint, media
-from rest_model.cli import main
+from rest_model.__main__ import main
 from conftest import speech_like
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,9 +8,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from rest_model import metrics, synth
-from rest_model.cli import main
-from rest_model.data import ClipDataset, SkinDetector, assign_split, prepare
+from rest_model.eval import metrics
+
+from rest_model.data import synth
+from rest_model.__main__ import main
+from rest_model.data.prepare import ClipDataset, SkinDetector, assign_split, prepare
 
 SR = 16000  # the tiny preset's encoder rate: 25 fps x 640
 SPF = 640

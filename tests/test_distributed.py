@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rest_model import checkpoint, distributed, training
-from rest_model.cli import main, random_model
+from rest_model import checkpoint
+
+from rest_model.train import distributed, loop
+from rest_model.__main__ import main
+from rest_model.cli import random_model
 from test_training import _tiny_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +25,7 @@ def _two_process_mean(monkeypatch, seed=0):
     """Make train_loop's step the mean of what ranks 0 and 1 of a 2-process run compute, in this process."""
     def averaged(trainable, step_fn):
         def run(step, g):
-            outs = [step_fn(step, training.step_generator(seed, step, r)) for r in range(2)]
+            outs = [step_fn(step, loop.step_generator(seed, step, r)) for r in range(2)]
             return sum(loss for loss, _ in outs) / 2, {k: sum(o[1][k] for o in outs) / 2 for k in outs[0][1]}
         return run
     monkeypatch.setattr(distributed, "data_parallel", averaged)
@@ -75,5 +78,5 @@ def test_outside_torchrun_a_stage_runs_alone():
     assert distributed.world() == (0, 1)
     step = lambda i, g: (torch.zeros(()), {})  # noqa: E731
     assert distributed.data_parallel({"m": torch.nn.Linear(1, 1)}, step) is step
-    assert training.step_generator(3, 5).initial_seed() == training.step_generator(3, 5, rank=0).initial_seed()
-    assert training.step_generator(3, 5, 1).initial_seed() != training.step_generator(3, 5, 0).initial_seed()
+    assert loop.step_generator(3, 5).initial_seed() == loop.step_generator(3, 5, rank=0).initial_seed()
+    assert loop.step_generator(3, 5, 1).initial_seed() != loop.step_generator(3, 5, 0).initial_seed()

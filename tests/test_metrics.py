@@ -3,7 +3,9 @@ mismatched audio), identity PSNR/SSIM and flicker behave as their definitions sa
 import numpy as np
 import pytest
 
-from rest_model import metrics, synth
+from rest_model.eval import metrics
+
+from rest_model.data import synth
 
 FPS, SR = 25, synth.SAMPLE_RATE
 
@@ -162,7 +164,7 @@ def test_latent_probe_tells_one_mouth_per_latent_from_two():
 
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
-    from rest_model.data import prepare
+    from rest_model.data.prepare import prepare
     raw = tmp_path_factory.mktemp("raw")
     synth.synthesize(str(raw), 4, 2.0, 64, seed=0, identities=4, speech="babble", jobs=1)
     out = tmp_path_factory.mktemp("ds")
@@ -174,7 +176,7 @@ def tiny_dataset(tmp_path_factory):
 def test_eval_command_side_by_side(tiny, tiny_dataset, tmp_path, capsys):
     import json
     from rest_model import checkpoint
-    from rest_model.cli import main
+    from rest_model.__main__ import main
     vae, dit = tiny
     checkpoint.save(vae, tmp_path / "vae.safetensors")
     checkpoint.save(dit, tmp_path / "teacher.safetensors")
@@ -221,7 +223,7 @@ def test_eval_command_side_by_side(tiny, tiny_dataset, tmp_path, capsys):
 def test_eval_long_stream_from_several_portraits(tiny, tiny_dataset, tmp_path, capsys):
     import json
     from rest_model import checkpoint
-    from rest_model.cli import main
+    from rest_model.__main__ import main
     vae, dit = tiny
     checkpoint.save(vae, tmp_path / "vae.safetensors")
     checkpoint.save(dit, tmp_path / "student.safetensors")
@@ -244,13 +246,13 @@ def test_eval_long_stream_from_several_portraits(tiny, tiny_dataset, tmp_path, c
 
 
 def test_eval_names_rows_by_file_and_by_folder_where_files_share_a_name():
-    from rest_model.evaluate import model_names
+    from rest_model.eval.evaluate import model_names
     paths = ["runs/a/student_asd.safetensors", "runs/b/student_asd.safetensors", "runs/a/student_init.safetensors"]
     assert model_names(paths) == {paths[0]: "a/student_asd", paths[1]: "b/student_asd", paths[2]: "student_init"}
 
 
 def test_long_stream_replays_its_first_window_every_minute_and_at_the_end():
-    from rest_model.evaluate import long_stream_audio
+    from rest_model.eval.evaluate import long_stream_audio
     rng = np.random.default_rng(0)
     sr, fps = 16000, 25
     waves = [rng.normal(size=n).astype(np.float32) for n in (3 * sr + 123, 2 * sr, 5 * sr - 7)]
@@ -274,7 +276,7 @@ def test_long_stream_replays_its_first_window_every_minute_and_at_the_end():
 
 
 def test_curve_slope_sees_accumulating_loss_not_settling_in():
-    from rest_model.evaluate import curve_slope
+    from rest_model.eval.evaluate import curve_slope
     minutes = np.arange(11.0)
     settles = [(t, 22.0 if t == 0 else 21.8) for t in minutes]  # the first window only is higher
     assert curve_slope(settles) == pytest.approx((0, 0), abs=1e-9)
@@ -290,7 +292,7 @@ def test_curve_slope_sees_accumulating_loss_not_settling_in():
 
 
 def test_long_streams_of_several_portraits_pool_into_one_row():
-    from rest_model.evaluate import POOLED_MEANS, pool_long_streams
+    from rest_model.eval.evaluate import POOLED_MEANS, pool_long_streams
     rng = np.random.default_rng(0)
 
     def stream(name):
@@ -315,7 +317,7 @@ def test_long_streams_of_several_portraits_pool_into_one_row():
 
 
 def test_paired_drift_is_the_mean_difference_with_its_error_over_seconds():
-    from rest_model.evaluate import paired_drift
+    from rest_model.eval.evaluate import paired_drift
     rng = np.random.default_rng(0)
     start = rng.normal(22, 1, 250)
     d, se = paired_drift(start, start - 0.5, 25)
@@ -330,7 +332,7 @@ def test_paired_drift_is_the_mean_difference_with_its_error_over_seconds():
 
 
 def test_teacher_generation_matches_clip_length(tiny):
-    from rest_model import evaluate
+    from rest_model.eval import evaluate
     vae, dit = tiny
     wave = np.random.default_rng(0).normal(0, 0.1, 37 * 640).astype(np.float32)
     frames = evaluate.generate_teacher(vae, dit, torch_zeros_portrait(dit), wave, 16000, steps=2)
@@ -348,7 +350,7 @@ def torch_zeros_portrait(dit):
 
 def test_eval_bad_input(tiny, tiny_dataset, tmp_path, capsys):
     from rest_model import checkpoint
-    from rest_model.cli import main
+    from rest_model.__main__ import main
     vae, dit = tiny
     checkpoint.save(vae, tmp_path / "vae.safetensors")
     rc = main(["eval", "--vae", str(tmp_path / "vae.safetensors"), "--dit", str(tmp_path / "vae.safetensors"),

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from rest_model import checkpoint
-from rest_model.cli import main, random_model
+from rest_model.__main__ import main
+from rest_model.cli import random_model
 from rest_model.config import preset
-from rest_model.relayout import deeper_dit, later_encoder_merge, relayout_dit, relayout_vae, window_offsets
+from rest_model.train.relayout import deeper_dit, later_encoder_merge, relayout_dit, relayout_vae, window_offsets
 from rest_model.dit import CausalDiT
 from rest_model.vae import CausalVAE, with_refiner
 from conftest import audio_features, latent
@@ -176,7 +177,7 @@ def test_split_decoder_keeps_the_latents_and_decodes_a_still_latent_to_the_mean_
     valid), a still latent decodes to the mean of the source's frames of each latent frame, and on a moving
     latent the split levels now see each frame apart, so the decodes differ."""
     from rest_model.config import VAEConfig
-    from rest_model.relayout import split_decoder
+    from rest_model.train.relayout import split_decoder
     torch.manual_seed(10)
     src = CausalVAE(VAEConfig(latent_channels=4, spatial_compression=16, temporal_compression=2, patch_size=4,
                               channels=(8, 16, 16), encoder_merge_level=1, scaling_factor=0.9)).eval()
@@ -196,7 +197,7 @@ def test_split_decoder_keeps_the_latents_and_decodes_a_still_latent_to_the_mean_
 
 
 def test_split_decoder_refuses_what_it_cannot_carry():
-    from rest_model.relayout import split_decoder
+    from rest_model.train.relayout import split_decoder
     src, _ = random_model("tiny")
     split = split_decoder(src, 1)
     with pytest.raises(ValueError, match="already splits its frames"):
@@ -227,7 +228,7 @@ def test_train_vae_decoder_only_splits_the_decoder_and_keeps_the_latents(tmp_pat
     assert split.cfg.decoder_split_level == 1 and split.cfg.scaling_factor == 0.7
     for k, v in src.encoder.state_dict().items():
         assert torch.equal(split.encoder.state_dict()[k], v), k
-    from rest_model.relayout import split_decoder
+    from rest_model.train.relayout import split_decoder
     carried = split_decoder(src, 1).decoder.state_dict()
     assert any(not torch.equal(split.decoder.state_dict()[k], v) for k, v in carried.items())  # it trained
     assert main(["train-vae", *common, "--out", str(tmp_path / "b"), "--steps", "1", "--init",

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from rest_model import checkpoint
-from rest_model.asd import asd_loss
-from rest_model.cli import main, random_model
+from rest_model.train.asd import asd_loss
+from rest_model.__main__ import main
+from rest_model.cli import random_model
 from rest_model.config import preset, sync_expert_config
-from rest_model.sync_expert import SyncExpert, audio_frames, mouth_cells, sync_logits, sync_loss
-from rest_model.training import LoopConfig, audio_margin, clip_frames, sample_batch, train_loop
-from rest_model.data import ClipDataset
+from rest_model.train.sync_expert import SyncExpert, audio_frames, mouth_cells, sync_logits, sync_loss
+from rest_model.train.loop import LoopConfig, audio_margin, clip_frames, sample_batch, train_loop
+from rest_model.data.prepare import ClipDataset
 from test_training import _tiny_dataset, toy_clips
 
 SPF = 640
@@ -44,7 +45,7 @@ def test_each_window_hears_its_own_frames_and_pad_at_each_shift():
 
 
 def test_mouth_cells_cover_the_mouth_region_with_a_cell_around_it():
-    from rest_model.metrics import MOUTH_ROI
+    from rest_model.eval.metrics import MOUTH_ROI
     for name in ("tiny", "demo", "base"):
         p = preset(name)
         c = sync_expert_config(p.vae, p.dit)
@@ -155,7 +156,7 @@ def test_train_sync_and_distill_with_its_expert_from_the_command_line(tmp_path, 
 
 
 def test_an_expert_refuses_a_model_of_another_layout_frame_rate_or_audio_rate():
-    from rest_model.sync_expert import check_fits
+    from rest_model.train.sync_expert import check_fits
     p = preset("tiny")
     c = sync_expert_config(p.vae, p.dit)
     check_fits(c, p.vae, "VAE"), check_fits(c, p.dit, "student")
@@ -172,7 +173,7 @@ def test_heldout_accuracy_judges_the_test_split_alone(tmp_path):
     """train-sync's held-out report: the mean accuracy and loss of the expert over batches of the test split's
     clips (not the training clips), chance one in the number of shifts, and nothing without a test split."""
     import json
-    from rest_model.train_sync import heldout_accuracy
+    from rest_model.train.sync import heldout_accuracy
     torch.manual_seed(0)
     vae, dit = random_model("tiny")
     c = sync_expert_config(vae.cfg, dit.cfg)

@@ -6,8 +6,12 @@ import shutil
 import numpy as np
 import pytest
 
-from rest_model import media, metrics, synth
-from rest_model.cli import main
+from rest_model import media
+
+from rest_model.eval import metrics
+
+from rest_model.data import synth
+from rest_model.__main__ import main
 
 FPS, SR = synth.FPS, synth.SAMPLE_RATE
 

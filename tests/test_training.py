@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from rest_model import checkpoint
-from rest_model.asd import asd_loss, asynchronous_times
+from rest_model.train.asd import asd_loss, asynchronous_times
 from rest_model.cli import random_model
-from rest_model.init_student import init_student_loss, student_rollout
+from rest_model.train.student_init import init_student_loss, student_rollout
 from rest_model.sampler import flow_schedule
-from rest_model.train_teacher import teacher_loss
-from rest_model.metrics import MOUTH_ROI
-from rest_model.train_vae import (CHANGE_FULL, PatchDiscriminator, change_weights, motion_l1, patch_weights, region_weights,
+from rest_model.train.teacher import teacher_loss
+from rest_model.eval.metrics import MOUTH_ROI
+from rest_model.train.vae import (CHANGE_FULL, PatchDiscriminator, change_weights, motion_l1, patch_weights, region_weights,
                                   vae_loss)
-from rest_model.data import ClipDataset
-from rest_model.training import (LoopConfig, audio_margin, clip_frames, export_model, learning_rate, sample_batch,
+from rest_model.data.prepare import ClipDataset
+from rest_model.train.loop import (LoopConfig, audio_margin, clip_frames, export_model, learning_rate, sample_batch,
                                  train_loop)
 from conftest import audio_features, latent, randomize, speech_like
 
@@ -213,7 +213,7 @@ def test_asynchronous_schedule_is_cleaner_before_the_current_chunk():
 def test_student_rollout_is_exactly_the_streamer(tiny):
     """Training and inference share one path: the rollout equals what `stream` generates."""
     from rest_model.streamer import AudioSource, stream
-    from rest_model.training import clip_audio_windows
+    from rest_model.train.loop import clip_audio_windows
     vae, dit = tiny
     c = dit.cfg
     k, n_chunks = c.stream.chunk_frames, 3
@@ -306,7 +306,7 @@ def test_resume_from_a_snapshot_equals_an_uninterrupted_run(tmp_path, ema):
 
 def test_stage_commands_write_loadable_checkpoints(tmp_path):
     """The four commands chained on a prepared toy dataset produce checkpoints the loaders accept."""
-    from rest_model.cli import main
+    from rest_model.__main__ import main
     data = _tiny_dataset(tmp_path / "data", clips=2, frames=24)
     run = tmp_path / "run"
     common = ["--data", str(data), "--out", str(run), "--preset", "tiny", "--steps", "2", "--batch", "1",
@@ -327,7 +327,7 @@ def test_student_context_cache_length_is_set_at_init_and_kept_by_distill(tmp_pat
     accepts that pair (the teacher sees every earlier chunk anyway) and keeps the student's length; a teacher that
     cuts the clip into other chunks is still refused."""
     import dataclasses
-    from rest_model.cli import main
+    from rest_model.__main__ import main
     from rest_model.dit import CausalDiT
     data = _tiny_dataset(tmp_path / "data", clips=2, frames=24)
     run = tmp_path / "run"
@@ -360,7 +360,7 @@ def test_distill_with_dmd_exports_the_student_alone(tmp_path, capsys):
     student file only the student; a negative weight, or a noise level outside 0..1 (or t_min above t_max), is
     refused before anything is written."""
     from safetensors import safe_open
-    from rest_model.cli import main
+    from rest_model.__main__ import main
     vae, teacher = random_model("tiny")
     checkpoint.save(vae, tmp_path / "v.safetensors"), checkpoint.save(randomize(teacher, 2), tmp_path / "t.safetensors")
     common = ["distill", "--data", str(_tiny_dataset(tmp_path / "data", clips=1, frames=24)), "--preset", "tiny",
@@ -389,7 +389,7 @@ def test_distill_with_dmd_exports_the_student_alone(tmp_path, capsys):
 def replay_chunk_one_renoising(c, out, seed):
     """Chunk 1's asynchronous x_t (t_ctx 0.1, t_j ~ U(0.2, 0.7)) drawn by hand from the generator's sequence,
     as the ASD/DMD code draws it after chunk 0: (x_t, t, t broadcast to the latent)."""
-    from rest_model.asd import asynchronous_times
+    from rest_model.train.asd import asynchronous_times
     k = c.stream.chunk_frames
     g = torch.Generator().manual_seed(seed)
     for j in range(2):
@@ -404,7 +404,7 @@ def replay_chunk_one_renoising(c, out, seed):
 def test_asd_target_is_the_teachers_solve_under_the_asynchronous_schedule(tiny):
     """One solve step is the teacher's denoised estimate x_t - t_j v with earlier chunks at t_ctx and
     no later chunk in view; more steps integrate chunk j alone while the context stays put."""
-    from rest_model.asd import asd_targets
+    from rest_model.train.asd import asd_targets
     _, teacher = tiny
     c = teacher.cfg
     k = c.stream.chunk_frames
@@ -430,7 +430,7 @@ def test_dmd_direction_is_the_difference_of_the_critics_and_the_teachers_estimat
     """d_j = (x0_fake - x0_real) / mean|x_j - x0_real| at the asynchronous x_t; zero while the critic is the
     teacher (at guidance 1), guidance alone makes it non-zero, and chunk j's d ignores later chunks."""
     import copy
-    from rest_model.asd import dmd_terms
+    from rest_model.train.asd import dmd_terms
     from rest_model.sampler import audio_guided
     _, teacher = tiny
     c = teacher.cfg
@@ -521,14 +521,14 @@ def test_an_audio_backbone_stays_frozen_in_every_stage(tmp_path, capsys):
     """train-teacher refuses a backbone without the user's weights; make_trainable (stages 3-4) leaves it frozen."""
     from rest_model.config import preset
     from rest_model.dit import CausalDiT
-    from rest_model.training import make_trainable
+    from rest_model.train.loop import make_trainable
     cfg = preset("tiny").dit
     cfg.audio.backbone = "hubert_base"
     dit = make_trainable(CausalDiT(cfg).requires_grad_(False))
     enc = dit.audio_encoder
     assert not any(p.requires_grad for p in enc.backbone.parameters())
     assert all(p.requires_grad for n, p in dit.named_parameters() if not n.startswith("audio_encoder.backbone."))
-    from rest_model.cli import main
+    from rest_model.__main__ import main
     assert main(["train-teacher", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--preset", "tiny",
                  "--vae", str(tmp_path / "v.safetensors"), "--audio-backbone", "wav2vec2_base"]) == 2
     assert "needs --audio-backbone-weights" in capsys.readouterr().err
@@ -548,7 +548,7 @@ def test_region_weights_and_the_learning_rate_schedule():
 def test_decoder_only_fine_tune_keeps_the_latents(tmp_path):
     """train-vae --init F --decoder-only: the decoder trains, the encoder (so every latent a DiT was
     trained on, and the latent scale) stays bit-identical."""
-    from rest_model.cli import main
+    from rest_model.__main__ import main
     vae, _ = random_model("tiny")
     vae.cfg.scaling_factor = 0.7
     checkpoint.save(vae, tmp_path / "v.safetensors")
@@ -590,7 +590,7 @@ def _tiny_dataset(root, clips: int = 1, frames: int = 16):
 def test_teacher_init_starts_from_a_trained_teacher_and_refuses_another_preset(tmp_path, capsys):
     """train-teacher --init F (a teacher carried over to a fine-tuned VAE) starts from F's weights, not from
     a fresh network; a teacher of another size is refused by name, and so is a VAE of another latent layout."""
-    from rest_model.cli import main
+    from rest_model.__main__ import main
     from rest_model.config import preset
     from rest_model.dit import CausalDiT
     vae, teacher = random_model("tiny", seed=3)
@@ -621,7 +621,7 @@ def test_teacher_init_starts_from_a_trained_teacher_and_refuses_another_preset(t
 
 def test_student_stages_refuse_a_teacher_that_does_not_fit_the_vae(tmp_path, capsys):
     """init-student / distill name both files when the teacher was trained on another latent layout."""
-    from rest_model.cli import main
+    from rest_model.__main__ import main
     from rest_model.config import preset
     from rest_model.vae import CausalVAE
     _, teacher = random_model("tiny")
@@ -640,8 +640,8 @@ def test_student_stages_refuse_a_teacher_that_does_not_fit_the_vae(tmp_path, cap
 def test_mouth_weighting_reaches_every_dit_stage_loss(tiny):
     """--mouth-weight: latent cells over the mouth region weigh more (mean 1), and the teacher, student-init
     and ASD losses use the weights (all-ones weights give the unweighted loss, mouth weights another)."""
-    from rest_model.metrics import MOUTH_ROI
-    from rest_model.training import latent_mouth_weights
+    from rest_model.eval.metrics import MOUTH_ROI
+    from rest_model.train.loop import latent_mouth_weights
     vae, teacher = tiny
     student = random_model("tiny", seed=1)[1]
     c = teacher.cfg
@@ -684,7 +684,7 @@ def _toy_dataset(root, size=32, sample_rate=16000):
 
 def test_stages_refuse_data_prepared_for_another_preset(tmp_path, capsys):
     """Another resolution stops every stage; another audio rate stops the stages that hear the audio."""
-    from rest_model.cli import main
+    from rest_model.__main__ import main
     vae, _ = random_model("tiny")
     checkpoint.save(vae, tmp_path / "v.safetensors")
     common = ["--out", str(tmp_path / "run"), "--preset", "tiny", "--steps", "1", "--batch", "1", "--chunks", "1",

@@ -32,8 +32,9 @@ import torchaudio
 from einops import rearrange
 from torch import nn
 
-from .config import SyncExpertConfig, latent_layout
-from .metrics import MOUTH_ROI
+from .. import checkpoint
+from ..config import SyncExpertConfig, latent_layout
+from ..eval.metrics import MOUTH_ROI
 
 
 def mouth_cells(cfg: SyncExpertConfig) -> tuple[slice, slice]:
@@ -64,6 +65,9 @@ class SyncExpert(nn.Module):
         self.video = _tower(cfg.latent_channels * cfg.span * cells, cfg.hidden, cfg.dim)
         self.audio = _tower(cfg.n_mels * mel_frames, cfg.hidden, cfg.dim)
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+
+
+checkpoint.register_kind("sync", SyncExpertConfig, SyncExpert)
 
 
 def check_fits(cfg: SyncExpertConfig, other, what: str) -> None:

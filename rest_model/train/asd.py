@@ -52,12 +52,12 @@ import os
 import torch
 
 from . import distributed
-from .init_student import load_student_stage, student_rollout, teacher_forced_fm
-from .sampler import audio_guided, flow_schedule
+from .student_init import load_student_stage, student_rollout, teacher_forced_fm
+from ..sampler import audio_guided, flow_schedule
 from .sync_expert import check_fits, sync_loss
-from .train_sync import load_expert
-from .train_teacher import encode_batch
-from .training import (add_audio_guidance_arg, add_common_args, add_mouth_weight_arg, clip_audio_windows,
+from .sync import load_expert
+from .teacher import encode_batch
+from .loop import (add_audio_guidance_arg, add_common_args, add_mouth_weight_arg, clip_audio_windows,
                        clip_sampler, export_model, latent_mouth_weights, loop_config, make_trainable, train_loop,
                        weighted_mse)
 

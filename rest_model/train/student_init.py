@@ -14,12 +14,13 @@ import os
 
 import torch
 
-from . import checkpoint, distributed
-from .dit import CausalDiT
-from .sampler import flow_schedule, sample_clip, sample_euler
-from .streamer import commit_chunk, new_cache
-from .train_teacher import encode_batch
-from .training import (add_audio_guidance_arg, add_common_args, add_mouth_weight_arg, clip_audio_windows,
+from .. import checkpoint
+from . import distributed
+from ..dit import CausalDiT
+from ..sampler import flow_schedule, sample_clip, sample_euler
+from ..streamer import commit_chunk, new_cache
+from .teacher import encode_batch
+from .loop import (add_audio_guidance_arg, add_common_args, add_mouth_weight_arg, clip_audio_windows,
                        clip_sampler, drop_audio, export_model, latent_mouth_weights, loop_config, make_trainable,
                        train_loop, weighted_mse)
 

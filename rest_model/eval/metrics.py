@@ -6,7 +6,7 @@ Conventions: frames are [T, H, W, 3] uint8 (or float in [0, 255]); video frame i
 Lip-sync works without a learned expert (none can be downloaded): the mouth's openness is read
 from the frames as the area of dark mouth interior in the mouth region, and compared with the
 openness the audio implies (`audio_mouth_shape`: speech-band loudness and a first-formant cue).
-The procedural generator (`rest_model.synth`) drives its mouths with that same audio function, so
+The procedural generator (`rest_model.data.synth`) drives its mouths with that same audio function, so
 on its clips the metric is high at the true offset and drops away from it; on real speech the
 relation is physical (an open jaw radiates more energy and raises F1), just noisier.
 """

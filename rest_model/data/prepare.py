@@ -463,7 +463,7 @@ def prepare(videos: str, out: str, preset_name: str, crop: str = "auto", face_mo
             face_scale: float = 2.0, min_seconds: float = 1.0, max_seconds: float = 60.0,
             test_fraction: float = 0.15, jobs: int | None = None, progress: bool = False) -> dict:
     """Prepare every clip under `videos` into the dataset folder `out`; returns the index."""
-    from .config import preset
+    from ..config import preset
     p = preset(preset_name)
     root, dst = Path(videos), Path(out)
     if not root.is_dir():

@@ -6,11 +6,11 @@ import os
 
 import torch
 
-from . import checkpoint
-from .config import preset, sync_expert_config
-from .data import ClipDataset
+from .. import checkpoint
+from ..config import preset, sync_expert_config
+from ..data.prepare import ClipDataset
 from .sync_expert import SyncExpert, check_fits, sync_loss
-from .training import add_common_args, clip_frames, export_model, loop_config, sample_batch, train_loop, training_data
+from .loop import add_common_args, clip_frames, export_model, loop_config, sample_batch, train_loop, training_data
 
 
 def load_expert(path, vae_cfg, device="cpu") -> SyncExpert:

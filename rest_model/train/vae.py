@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.func import functional_call
 
-from . import checkpoint, distributed
-from .config import preset
+from .. import checkpoint
+from . import distributed
+from ..config import preset
 from .relayout import later_encoder_merge, relayout_vae, split_decoder
-from .training import (add_common_args, clip_frames, export_model, loop_config, region_weights, sample_batch,
+from .loop import (add_common_args, clip_frames, export_model, loop_config, region_weights, sample_batch,
                        train_loop, training_data, weighted_mean)
-from .vae import CausalPad, CausalVAE, with_refiner
+from ..vae import CausalPad, CausalVAE, with_refiner
 
 
 class PatchDiscriminator(nn.Module):

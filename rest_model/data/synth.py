@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 
 from .jobs import parallel_map
-from .metrics import audio_mouth_shape
+from ..eval.metrics import audio_mouth_shape
 
 log = logging.getLogger("rest_model.synth")
 
@@ -668,7 +668,7 @@ class AlignedVideoWriter:
 
     def __new__(cls, *args, **kwargs):
         from fractions import Fraction
-        from .media import VideoWriter
+        from ..media import VideoWriter
 
         class Writer(VideoWriter):
             def close(self):

@@ -12,13 +12,14 @@ import os
 
 import torch
 
-from . import checkpoint, distributed
-from .config import check_compatible, preset, to_json
-from .dit import CausalDiT
+from .. import checkpoint
+from . import distributed
+from ..config import check_compatible, preset, to_json
+from ..dit import CausalDiT
 from .relayout import deeper_dit, relayout_dit
-from .training import (add_common_args, add_mouth_weight_arg, chunked_times, clip_audio_windows, clip_sampler,
+from .loop import (add_common_args, add_mouth_weight_arg, chunked_times, clip_audio_windows, clip_sampler,
                        drop_audio, export_model, latent_mouth_weights, loop_config, train_loop, weighted_mse)
-from .vae import CausalVAE
+from ..vae import CausalVAE
 
 
 @torch.no_grad()

@@ -39,12 +39,13 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from . import checkpoint, metrics
-from .audio import prepare_audio
-from .data import load_index
-from .dit import audio_windows
-from .sampler import flow_schedule, sample_clip
-from .streamer import AudioSource, stream
+from .. import checkpoint
+from . import metrics
+from ..audio import prepare_audio
+from ..data.prepare import load_index
+from ..dit import audio_windows
+from ..sampler import flow_schedule, sample_clip
+from ..streamer import AudioSource, stream
 
 SHIFTS_S = (-0.5, -0.25, -0.12, 0.12, 0.25, 0.5)
 PROBE_CLIPS = 32  # training clips the latent probe is fit on

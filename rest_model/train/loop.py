@@ -23,11 +23,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from . import checkpoint, distributed
-from .audio import SampleTimeline
-from .config import DiTConfig
-from .data import ClipDataset
-from .dit import CausalDiT, audio_windows
+from .. import checkpoint
+from . import distributed
+from ..audio import SampleTimeline
+from ..config import DiTConfig
+from ..data.prepare import ClipDataset
+from ..dit import CausalDiT, audio_windows
 
 log = logging.getLogger("rest_model.train")
 
@@ -285,7 +286,7 @@ def region_weights(h: int, w: int, face_weight: float = 0.0, mouth_weight: float
     + mouth_weight on the mouth region (the boxes the metrics judge), normalised to mean 1. At a high
     compression the loss is otherwise spent on the large background, and the small mouth, the part lip-sync
     lives in, is what blurs away first."""
-    from .metrics import FACE_BOX, MOUTH_ROI
+    from ..eval.metrics import FACE_BOX, MOUTH_ROI
     wmap = torch.ones(h, w)
     for (top, bottom, left, right), extra in ((FACE_BOX, face_weight), (MOUTH_ROI, mouth_weight)):
         wmap[round(top * h):round(bottom * h), round(left * w):round(right * w)] += extra

@@ -39,9 +39,9 @@ import dataclasses
 import torch
 from einops import reduce, repeat
 
-from .config import DiTConfig, VAEConfig, to_json
-from .dit import CausalDiT
-from .vae import CausalVAE
+from ..config import DiTConfig, VAEConfig, to_json
+from ..dit import CausalDiT
+from ..vae import CausalVAE
 
 
 def _frame_ratio(src_tc: int, dst_tc: int) -> tuple[int, bool]:
