@@ -244,19 +244,16 @@ def tiny() -> Preset:
 
 
 def demo() -> Preset:
-    # 64 latent channels (48x compression, not 192x): with 16 the 12x6-pixel mouth of a 128x128 face could not
-    # survive the VAE at all (lip-sync of ground truth through it fell from 0.89 to 0.10). The DiT's cost
-    # barely depends on it: only its input and output projections see the channels.
-    # 2 frames per latent frame, not 4: a latent's frames decode nearly as one still frame, and frozen 4-frame
-    # groups alone cut the ground truth's lip-sync from 0.89 to 0.57 (2-frame groups: 0.80). It halves the
-    # speed, which stays above real time on 2 cores. audio_context 2: a 10-frame audio window (12 at 4 frames
-    # per latent) with the same 4 frames (160 ms) of look-ahead. encoder_merge_level 2: an encoder that
-    # stacks a latent's two frames at its input keeps about one mouth per latent (probe of the change inside a
-    # latent r = 0.17); run apart through levels 0 and 1 it keeps 0.50, and the student's lip-sync rose 0.62 -> 0.69.
-    # decoder_split_level 2: a decoder that writes both frames from one set of features draws them nearly alike
-    # (the ceiling's change inside a latent: 0.23 of the ground truth's); split at level 2 it is 0.49 and the
-    # ceiling's lip-sync 0.77 -> 0.81, for about twice the decode time (22 against 12.5 ms a frame on one
-    # thread), which end to end is lost beside the DiT (split / unsplit 0.99x).
+    """The shipped out-of-the-box model: 128x128 @ 25 fps, real time on 2 CPU cores.
+
+    Each choice below trades lip-sync against speed on a 12x6-pixel mouth; docs/demo_model.md has the
+    measurements behind each. 64 latent channels (not 16): fewer cannot carry the mouth through the VAE, and
+    the DiT's cost barely depends on them (only its input and output projections see the channels). 2 frames
+    per latent frame (not 4): a latent's frames decode nearly as one still frame, so a coarser latent freezes
+    the mouth between syllables. audio_context 2: the same 160 ms of look-ahead at 2 frames per latent.
+    encoder_merge_level / decoder_split_level 2: the encoder and decoder see a latent's two frames apart
+    through their first levels, so each frame keeps its own mouth.
+    """
     vae = VAEConfig(latent_channels=64, spatial_compression=16, temporal_compression=2, patch_size=4,
                     channels=(48, 96, 192), encoder_merge_level=2, decoder_split_level=2)
     audio = AudioConfig(n_mels=64, dim=128)

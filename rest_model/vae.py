@@ -150,8 +150,8 @@ class PixelRefiner(nn.Module):
     last features, which can blur a structure smaller than a patch (a lip line, teeth). The refiner sees the
     decoded frame plus `c // 2` extra feature planes per pixel and adds a correction; its last conv starts at
     zero, so added to a trained decoder it changes nothing until fine-tuned (`train-vae --init
-    --refine-channels`), and the latents stay as they were. On the demo VAE it did not lift the lip-sync
-    ceiling (README): there the latents, not the decoder, lack the mouth's motion inside a latent frame."""
+    --refine-channels`), and the latents stay as they were. It cannot restore what the latents lack (the
+    mouth's motion inside a latent frame); docs/demo_model.md says what it did for the demo VAE."""
 
     def __init__(self, cfg: VAEConfig, cin: int):
         super().__init__()

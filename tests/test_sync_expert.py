@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rest_model import checkpoint
-from rest_model.train.asd import asd_loss
+from rest_model.train.asd import ASDConfig, asd_loss
 from rest_model.__main__ import main
 from rest_model.cli import random_model
 from rest_model.config import preset, sync_expert_config
@@ -108,9 +108,10 @@ def test_the_sync_term_in_distillation_reaches_the_student_alone(tiny):
     data = ClipDataset.from_tensors(toy_clips(2, 48), clip_frames(student.cfg, 2), 25, 16000, margin)
     batch = sample_batch(data, 2, torch.Generator().manual_seed(0))
 
-    def run(**kw):
+    def run(expert=None, sync_weight=0.0):
         student.zero_grad()
-        loss, logs = asd_loss(student, teacher, vae, batch, margin, torch.Generator().manual_seed(5), solve_steps=1, **kw)
+        loss, logs = asd_loss(student, teacher, vae, batch, margin, torch.Generator().manual_seed(5),
+                              ASDConfig(solve_steps=1, sync_weight=sync_weight), expert=expert)
         loss.backward()
         return loss.detach(), logs, [p.grad.clone() for p in student.parameters() if p.grad is not None]
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from rest_model import checkpoint
-from rest_model.train.asd import asd_loss, asynchronous_times
+from rest_model.train.asd import ASDConfig, asd_loss, asynchronous_times
 from rest_model.cli import random_model
-from rest_model.train.student_init import init_student_loss, student_rollout
+from rest_model.train.student_init import StudentInitConfig, init_student_loss, student_rollout
 from rest_model.sampler import flow_schedule
 from rest_model.train.teacher import teacher_loss
 from rest_model.eval.metrics import MOUTH_ROI
 from rest_model.train.vae import (CHANGE_FULL, PatchDiscriminator, change_weights, motion_l1, patch_weights, region_weights,
-                                  vae_loss)
+                                  VAELossConfig, vae_loss)
 from rest_model.data.prepare import ClipDataset
 from rest_model.train.loop import (LoopConfig, audio_margin, clip_frames, export_model, learning_rate, sample_batch,
                                  train_loop)
@@ -85,7 +85,7 @@ def test_vae_stage_loss_falls(tmp_path):
 
     def step(i, g):
         video = sample_batch(data, 2, g)["video"]
-        return vae_loss(vae, video, g, disc=disc, adv_weight=0.05 if i > 20 else 0.0, weights=weights)
+        return vae_loss(vae, video, g, VAELossConfig(adv_weight=0.05), disc=disc if i > 20 else None, weights=weights)
 
     records = _run("vae", {"vae": vae, "disc": disc}, step, tmp_path, 40)
     _falls(records, "l1")
@@ -106,8 +106,8 @@ def test_adaptive_gan_weight_balances_the_gradients_at_the_decoders_last_layer()
     disc = PatchDiscriminator(8)
     video = _toy_video(8, 2)
     weights = region_weights(32, 32, face_weight=1.0, mouth_weight=3.0)
-    run = lambda **kw: vae_loss(vae, video, torch.Generator().manual_seed(1), disc=disc, adv_weight=0.5,
-                                weights=weights, **kw)[1]
+    run = lambda **kw: vae_loss(vae, video, torch.Generator().manual_seed(1), VAELossConfig(adv_weight=0.5, **kw),
+                                disc=disc, weights=weights)[1]
     assert run()["w_adv"] == 0.5
     before = run(adaptive=True)
     with torch.no_grad():
@@ -136,7 +136,7 @@ def test_change_weights_weigh_the_pixels_that_move():
     assert w[0, 0, 3, 1, 1] == 1.0 and w[0, 0, 0].eq(1).all() and (w == 1).sum() == w.numel() - 2
     vae, _ = random_model("tiny")
     clip = _toy_video(8, 2)
-    l1 = lambda v, k: vae_loss(vae, v, torch.Generator().manual_seed(1), change_weight=k)[1]["l1"]  # noqa: E731
+    l1 = lambda v, k: vae_loss(vae, v, torch.Generator().manual_seed(1), VAELossConfig(change_weight=k))[1]["l1"]  # noqa: E731
     assert l1(clip, 4.0) > 1.02 * l1(clip, 0.0)
     still = clip[:, :, :1].expand_as(clip).contiguous()
     assert l1(still, 4.0) == pytest.approx(l1(still, 0.0), rel=1e-6)
@@ -163,7 +163,7 @@ def test_vae_motion_term_keeps_the_motion_inside_a_latent_frame_group(tmp_path):
         vae, _ = random_model("tiny")
         vae.train()
         _run("vae", {"vae": vae}, lambda i, g: vae_loss(vae, sample_batch(data, 2, g)["video"], g,
-                                                        motion_weight=motion_weight), tmp_path / str(motion_weight), 80)
+                                                        VAELossConfig(motion_weight=motion_weight)), tmp_path / str(motion_weight), 80)
         with torch.no_grad():
             rec = vae.decode(vae.encode(video))
         err[motion_weight] = _within_group_motion_error(rec, video, 4)
@@ -187,7 +187,7 @@ def test_student_init_stage_loss_falls(tmp_path):
     margin, frames = audio_margin(student.cfg), clip_frames(student.cfg, 2)
     batch = _batch(clips, frames, margin, torch.Generator().manual_seed(0))
     records = _run("student", {"dit": student}, lambda i, g: init_student_loss(
-        student, teacher, vae, batch, margin, torch.Generator().manual_seed(5), teacher_steps=4), tmp_path, 30)
+        student, teacher, vae, batch, margin, torch.Generator().manual_seed(5), StudentInitConfig(teacher_steps=4)), tmp_path, 30)
     _falls(records, "ode")
 
 
@@ -198,7 +198,7 @@ def test_asd_stage_loss_falls(tmp_path):
     margin, frames = audio_margin(student.cfg), clip_frames(student.cfg, 2)
     batch = _batch(clips, frames, margin, torch.Generator().manual_seed(0))
     records = _run("asd", {"dit": student}, lambda i, g: asd_loss(
-        student, teacher, vae, batch, margin, torch.Generator().manual_seed(5)), tmp_path, 30)
+        student, teacher, vae, batch, margin, torch.Generator().manual_seed(5), ASDConfig(solve_steps=1)), tmp_path, 30)
     _falls(records, "asd")
 
 
@@ -410,16 +410,16 @@ def test_asd_target_is_the_teachers_solve_under_the_asynchronous_schedule(tiny):
     k = c.stream.chunk_frames
     n = 3 * k
     out, windows, ref = latent(c, n), audio_features(c, n), latent(c, 1, 1)
-    one = asd_targets(teacher, out, ref, windows, torch.Generator().manual_seed(3), 0.1, 0.2, 0.7, solve_steps=1)
+    one = asd_targets(teacher, out, ref, windows, torch.Generator().manual_seed(3), ASDConfig(solve_steps=1))
     xt, t, tt = replay_chunk_one_renoising(c, out, seed=3)
     want = (xt - tt * teacher(xt, t, windows[:, :2 * k], ref))[:, :, k:2 * k]
     torch.testing.assert_close(one[:, :, k:2 * k], want, atol=1e-5, rtol=1e-5)
     # a later chunk of the student's rollout changes no earlier target (the teacher sees chunks <= j)
     later = out.clone()
     later[:, :, 2 * k:] += 1
-    three = asd_targets(teacher, out, ref, windows, torch.Generator().manual_seed(3), 0.1, 0.2, 0.7, solve_steps=3)
-    three_later = asd_targets(teacher, later, ref, windows, torch.Generator().manual_seed(3), 0.1, 0.2, 0.7,
-                              solve_steps=3)
+    three = asd_targets(teacher, out, ref, windows, torch.Generator().manual_seed(3), ASDConfig(solve_steps=3))
+    three_later = asd_targets(teacher, later, ref, windows, torch.Generator().manual_seed(3),
+                              ASDConfig(solve_steps=3))
     torch.testing.assert_close(three[:, :, :2 * k], three_later[:, :, :2 * k])
     assert not torch.allclose(three[:, :, 2 * k:], three_later[:, :, 2 * k:])
     assert not torch.allclose(three, one)  # the multi-step solve is a different (sharper) target
@@ -438,12 +438,12 @@ def test_dmd_direction_is_the_difference_of_the_critics_and_the_teachers_estimat
     n = 3 * k
     out, windows, ref = latent(c, n), audio_features(c, n), latent(c, 1, 1)
     critic = copy.deepcopy(teacher)
-    d, _ = dmd_terms(teacher, critic, out, ref, windows, torch.Generator().manual_seed(3), 0.1, 0.2, 0.7)
+    d, _ = dmd_terms(teacher, critic, out, ref, windows, torch.Generator().manual_seed(3), ASDConfig())
     assert d.shape == out.shape and torch.count_nonzero(d) == 0
     assert torch.count_nonzero(dmd_terms(teacher, critic, out, ref, windows, torch.Generator().manual_seed(3),
-                                         0.1, 0.2, 0.7, guidance=3.0)[0]) > 0
+                                         ASDConfig(guidance=3.0))[0]) > 0
     critic = random_model("tiny", seed=7)[1]
-    d, _ = dmd_terms(teacher, critic, out, ref, windows, torch.Generator().manual_seed(3), 0.1, 0.2, 0.7, 2.0)
+    d, _ = dmd_terms(teacher, critic, out, ref, windows, torch.Generator().manual_seed(3), ASDConfig(guidance=2.0))
     xt, t, tt = replay_chunk_one_renoising(c, out, seed=3)
     real = (xt - tt * audio_guided(teacher, xt, t, windows[:, :2 * k], ref, 2.0))[:, :, k:]
     fake = (xt - tt * critic(xt, t, windows[:, :2 * k], ref))[:, :, k:]
@@ -451,7 +451,7 @@ def test_dmd_direction_is_the_difference_of_the_critics_and_the_teachers_estimat
     torch.testing.assert_close(d[:, :, k:2 * k], want, atol=1e-5, rtol=1e-4)
     later = out.clone()
     later[:, :, 2 * k:] += 1
-    d_later, _ = dmd_terms(teacher, critic, later, ref, windows, torch.Generator().manual_seed(3), 0.1, 0.2, 0.7, 2.0)
+    d_later, _ = dmd_terms(teacher, critic, later, ref, windows, torch.Generator().manual_seed(3), ASDConfig(guidance=2.0))
     torch.testing.assert_close(d_later[:, :, :2 * k], d[:, :, :2 * k])
     assert not torch.allclose(d_later[:, :, 2 * k:], d[:, :, 2 * k:])
 
@@ -471,14 +471,13 @@ def test_asd_with_dmd_trains_the_critic_apart_from_the_student_and_resumes_both(
     batch = _batch(clips, frames, margin, torch.Generator().manual_seed(0))
 
     def step(s, c):
-        return lambda i, g: asd_loss(s, teacher, vae, batch, margin, g, solve_steps=1, real_weight=0.0, critic=c,
-                                     dmd_weight=1.0, guidance=2.0)
+        return lambda i, g: asd_loss(s, teacher, vae, batch, margin, g, ASDConfig(
+            solve_steps=1, real_weight=0.0, dmd_weight=1.0, guidance=2.0), critic=c)
 
     def grads(w):
         student.zero_grad(), critic.zero_grad()
-        loss, logs = asd_loss(student, teacher, vae, batch, margin, torch.Generator().manual_seed(1), solve_steps=1,
-                              real_weight=0.0, critic=critic if w is not None else None, dmd_weight=w or 0.0,
-                              guidance=2.0)
+        loss, logs = asd_loss(student, teacher, vae, batch, margin, torch.Generator().manual_seed(1), ASDConfig(
+            solve_steps=1, real_weight=0.0, dmd_weight=w or 0.0, guidance=2.0), critic=critic if w is not None else None)
         loss.backward()
         flat = lambda m: torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())  # noqa: E731
                                     for p in m.parameters()])
@@ -659,9 +658,9 @@ def test_mouth_weighting_reaches_every_dit_stage_loss(tiny):
         "teacher": lambda wt: teacher_loss(teacher, vae, batch, margin, torch.Generator().manual_seed(1),
                                            weights=wt)[0],
         "init": lambda wt: init_student_loss(student, teacher, vae, batch, margin, torch.Generator().manual_seed(1),
-                                             teacher_steps=2, weights=wt)[0],
+                                             StudentInitConfig(teacher_steps=2), weights=wt)[0],
         "asd": lambda wt: asd_loss(student, teacher, vae, batch, margin, torch.Generator().manual_seed(1),
-                                   weights=wt)[0],
+                                   ASDConfig(solve_steps=1), weights=wt)[0],
     }
     with torch.no_grad():
         for name, loss in losses.items():
@@ -720,8 +719,8 @@ def test_audio_guidance_is_classifier_free_guidance_on_the_speech_and_reaches_th
         batch = _batch(clips, frames, margin, torch.Generator().manual_seed(0))
         for name, loss in {
             "init": lambda s: init_student_loss(student, teacher, vae, batch, margin, torch.Generator().manual_seed(1),
-                                                teacher_steps=2, audio_drop=0.0, guidance=s)[0],
+                                                StudentInitConfig(teacher_steps=2, audio_drop=0.0, guidance=s))[0],
             "asd": lambda s: asd_loss(student, teacher, vae, batch, margin, torch.Generator().manual_seed(1),
-                                      guidance=s)[0],
+                                      ASDConfig(solve_steps=1, guidance=s))[0],
         }.items():
             assert abs(loss(4.0).item() - loss(1.0).item()) > 1e-4 * loss(1.0).item(), f"{name} ignores guidance"

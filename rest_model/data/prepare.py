@@ -459,7 +459,7 @@ def find_videos(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTS)
 
 
-def prepare(videos: str, out: str, preset_name: str, crop: str = "auto", face_model: str | None = None,
+def prepare(videos: str, out: str, preset_name: str, *, crop: str = "auto", face_model: str | None = None,
             face_scale: float = 2.0, min_seconds: float = 1.0, max_seconds: float = 60.0,
             test_fraction: float = 0.15, jobs: int | None = None, progress: bool = False) -> dict:
     """Prepare every clip under `videos` into the dataset folder `out`; returns the index."""
@@ -514,8 +514,9 @@ def prepare(videos: str, out: str, preset_name: str, crop: str = "auto", face_mo
 
 def cmd_prepare(args) -> int:
     t0 = time.perf_counter()
-    index = prepare(args.videos, args.out, args.preset, args.crop, args.face_model, args.face_scale,
-                    args.min_seconds, args.max_seconds, args.test_fraction, args.jobs, progress=True)
+    index = prepare(args.videos, args.out, args.preset, crop=args.crop, face_model=args.face_model,
+                    face_scale=args.face_scale, min_seconds=args.min_seconds, max_seconds=args.max_seconds,
+                    test_fraction=args.test_fraction, jobs=args.jobs, progress=True)
     clips = index["clips"]
     with open(Path(args.out) / "skipped.log") as f:
         skipped = [line.rstrip("\n").split("\t", 1) for line in f if line.strip()]

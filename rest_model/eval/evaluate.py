@@ -447,7 +447,7 @@ def format_report(check: dict, rows: list[dict], minutes: float) -> str:
     return "\n".join(lines)
 
 
-def evaluate(vae_path: str, dit_paths: list[str], data: str, teacher: str | None = None, minutes: float = 10.0,
+def evaluate(vae_path: str, dit_paths: list[str], data: str, *, teacher: str | None = None, minutes: float = 10.0,
              n_clips: int = 8, split: str = "test", teacher_steps: int = 16, max_offset: int = 15, seed: int = 0,
              device: str = "cpu", progress: bool = False, teacher_guidance: float = 1.0,
              long_portraits: int = 1) -> dict:
@@ -532,9 +532,10 @@ def model_names(paths: list[str]) -> dict:
 
 def cmd_eval(args) -> int:
     torch.manual_seed(args.seed)
-    report = evaluate(args.vae, args.dit, args.data, args.teacher, args.minutes, args.clips, args.split,
-                      args.teacher_steps, args.max_offset, args.seed, args.device, progress=True,
-                      teacher_guidance=args.teacher_guidance, long_portraits=args.long_portraits)
+    report = evaluate(args.vae, args.dit, args.data, teacher=args.teacher, minutes=args.minutes, n_clips=args.clips,
+                      split=args.split, teacher_steps=args.teacher_steps, max_offset=args.max_offset, seed=args.seed,
+                      device=args.device, progress=True, teacher_guidance=args.teacher_guidance,
+                      long_portraits=args.long_portraits)
     print(f"held-out {report['split']} clips: {len(report['clips'])} from identities {', '.join(report['identities'])}")
     print(format_report(report["metric_check"], report["models"], report["minutes"]))
     if args.json:

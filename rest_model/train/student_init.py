@@ -65,24 +65,45 @@ def teacher_forced_fm(dit: CausalDiT, x0, ref, windows, g, weights=None) -> torc
     return loss
 
 
-def init_student_loss(student, teacher, vae, batch, margin, g, teacher_steps: int = 8,
-                      fm_weight: float = 0.5, audio_drop: float = 0.1, weights=None,
-                      guidance: float = 1.0) -> tuple[torch.Tensor, dict]:
+@dataclasses.dataclass(frozen=True)
+class StudentInitConfig:
+    """Stage 3's objective (CausVid's ODE initialisation), built once and passed whole."""
+    teacher_steps: int = 8  # Euler steps of the teacher's ODE solve that the 2-step student regresses onto
+    fm_weight: float = 0.5  # teacher-forced flow matching on real clips
+    audio_drop: float = 0.1  # share of clips made silent (the silence mode)
+    guidance: float = 1.0  # audio guidance of the teacher's solve
+
+    def __post_init__(self):
+        if self.teacher_steps < 1:
+            raise ValueError(f"--teacher-steps must be >= 1, got {self.teacher_steps}")
+        if not 0 <= self.audio_drop <= 1 or self.fm_weight < 0:
+            raise ValueError(f"audio_drop must be in [0, 1] and fm_weight >= 0, got {self.audio_drop}, "
+                             f"{self.fm_weight}")
+
+    @classmethod
+    def from_args(cls, args) -> "StudentInitConfig":
+        return cls(teacher_steps=args.teacher_steps, guidance=args.audio_guidance)
+
+
+def init_student_loss(student, teacher, vae, batch, margin, g, cfg: StudentInitConfig = StudentInitConfig(),
+                      weights=None) -> tuple[torch.Tensor, dict]:
+    """ODE regression of the streamed 2-step student onto the teacher's many-step solve of the same noise, plus
+    teacher-forced flow matching."""
     device = next(student.parameters()).device
     x0, ref = encode_batch(vae, batch, device)
     n = x0.shape[2]
-    ws = drop_audio(student, clip_audio_windows(student, batch["audio"].to(device), margin, n), audio_drop, g)
+    ws = drop_audio(student, clip_audio_windows(student, batch["audio"].to(device), margin, n), cfg.audio_drop, g)
     e = torch.randn(x0.shape, generator=g).to(x0)
     with torch.no_grad():
         wt = clip_audio_windows(teacher, batch["audio"].to(device), margin, n)
         dropped = (ws == student.audio_encoder.null).all(-1).all(-1).all(-1)  # the same clips go silent
         wt = torch.where(dropped[:, None, None, None], teacher.audio_encoder.null.expand_as(wt), wt)
-        target = sample_clip(teacher, ref, wt, e, flow_schedule(teacher_steps), guidance=guidance)
+        target = sample_clip(teacher, ref, wt, e, flow_schedule(cfg.teacher_steps), guidance=cfg.guidance)
     s = student.cfg.stream
     pred = student_rollout(student, ref, ws, e, flow_schedule(s.steps, s.shift), context=target, grad_steps=s.steps)
     ode = weighted_mse(pred, target, weights)
     fm = teacher_forced_fm(student, x0, ref, ws, g, weights)
-    return ode + fm_weight * fm, {"ode": ode.item(), "fm": fm.item()}
+    return ode + cfg.fm_weight * fm, {"ode": ode.item(), "fm": fm.item()}
 
 
 def load_student_stage(args, student_path: str):
@@ -109,6 +130,7 @@ def load_student_stage(args, student_path: str):
 
 @distributed.launched
 def cmd_init_student(args) -> int:
+    loss_cfg = StudentInitConfig.from_args(args)
     vae, teacher, student = load_student_stage(args, args.teacher)  # the student starts as the teacher
     if args.context_frames is not None:
         try:
@@ -120,8 +142,7 @@ def cmd_init_student(args) -> int:
     weights = latent_mouth_weights(student.cfg, args.mouth_weight)
 
     def step(i, g):
-        return init_student_loss(student, teacher, vae, draw(g), margin, g, args.teacher_steps, weights=weights,
-                                 guidance=args.audio_guidance)
+        return init_student_loss(student, teacher, vae, draw(g), margin, g, loss_cfg, weights)
 
     train_loop("student", {"dit": student}, step, args.out, loop_config(args),
                lambda: export_model(student, os.path.join(args.out, "student_init.safetensors")))
@@ -131,7 +152,7 @@ def cmd_init_student(args) -> int:
 def register(sub):
     p = sub.add_parser("init-student", help="stage 3: causal 2-step student from the teacher (ODE regression)")
     add_common_args(p, needs=("vae", "teacher"))
-    p.add_argument("--teacher-steps", type=int, default=8, help="Euler steps of the teacher's ODE solve")
+    p.add_argument("--teacher-steps", type=int, default=StudentInitConfig.teacher_steps, help="Euler steps of the teacher's ODE solve")
     p.add_argument("--context-frames", type=int,
                    help="latent frames in the student's rolling Context-Cache (default: the teacher's, i.e. the "
                         "preset's); distill and inference keep the student's. 0: the ID-Sink alone, each chunk made "

@@ -21,6 +21,29 @@ from .loop import (add_common_args, clip_frames, export_model, loop_config, regi
 from ..vae import CausalPad, CausalVAE, with_refiner
 
 
+@dataclasses.dataclass(frozen=True)
+class VAELossConfig:
+    """Stage 1's objective, built once from the command line and passed whole."""
+    kl_weight: float = 1e-4
+    adv_weight: float = 0.0  # hinge GAN weight (0 = off)
+    adv_start: int = 0  # step at which the adversarial term starts
+    adaptive: bool = False  # scale the GAN weight by the gradient-norm ratio at the decoder's last layer
+    motion_weight: float = 0.0  # L1 between frame-to-frame changes of the reconstruction and the video
+    change_weight: float = 0.0  # extra L1 on the pixels that change from the previous frame
+    decoder_only: bool = False  # the encoder (and so the latents a DiT was trained on) stays frozen
+
+    def __post_init__(self):
+        for name in ("kl_weight", "adv_weight", "motion_weight", "change_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+
+    @classmethod
+    def from_args(cls, args) -> "VAELossConfig":
+        return cls(kl_weight=args.kl_weight, adv_weight=args.adv_weight, adv_start=args.adv_start,
+                   adaptive=args.adv_adaptive, motion_weight=args.motion_weight, change_weight=args.change_weight,
+                   decoder_only=args.decoder_only)
+
+
 class PatchDiscriminator(nn.Module):
     """Per-frame PatchGAN: real/fake logits on overlapping patches."""
 
@@ -70,43 +93,39 @@ def gradient_ratio(rec_loss: torch.Tensor, g_loss: torch.Tensor, layer: torch.Te
     return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach()
 
 
-def vae_loss(vae: CausalVAE, video: torch.Tensor, g: torch.Generator, kl_weight: float = 1e-4,
-             disc: PatchDiscriminator | None = None, adv_weight: float = 0.0,
-             weights: torch.Tensor | None = None, decoder_only: bool = False,
-             motion_weight: float = 0.0, adaptive: bool = False, change_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+def vae_loss(vae: CausalVAE, video: torch.Tensor, g: torch.Generator, cfg: VAELossConfig = VAELossConfig(),
+             disc: PatchDiscriminator | None = None, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """L1 (+ region weights, + change weights) + KL (+ hinge GAN) (+ motion: L1 between the frame-to-frame
     changes).
 
-    With `adaptive` the GAN term's weight is `adv_weight` times the ratio of the reconstruction's to the
+    With `cfg.adaptive` the GAN term's weight is `adv_weight` times the ratio of the reconstruction's to the
     GAN term's gradient norm at the decoder's last layer (Esser et al., taming-transformers): a fixed weight
     is either lost under the L1 or swamps it as the discriminator's logits grow.
 
     The motion term is there because a tc-frame group shares one latent: plain L1 is nearly met by one
     average frame per group, and the frames of a group then come out identical, a mouth that moves only
-    every tc frames (measured: within-group mouth motion 0.1 vs 5 grey levels in the ground truth). It is
-    no cure on its own: a 300-step fine-tune of the collapsed demo VAE with it left the groups frozen, and
-    from scratch it slowed the fall of L1 (0.27 vs 0.08 at step 1,500). On the 2-frame demo VAE it froze the
-    pairs further (in-grp 0.18 -> 0.08): where the latent does not settle a change, the L1 between changes is
-    least at their median, no change. `change_weight` asks for each frame itself where it moves instead."""
-    with torch.set_grad_enabled(torch.is_grad_enabled() and not decoder_only):
+    every tc frames. It is no cure on its own (docs/demo_model.md has the measurements): where the latent does
+    not settle a change, the L1 between changes is least at their median, no change. `change_weight` asks for
+    each frame itself where it moves instead."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.decoder_only):
         mean, logvar = vae.encode_dist(video)
     z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g).to(mean)
     rec = vae.decoder(z, CausalPad())
     err = (rec - video).abs()
-    if change_weight > 0:
-        err = err * change_weights(video, change_weight)
+    if cfg.change_weight > 0:
+        err = err * change_weights(video, cfg.change_weight)
     l1 = weighted_mean(err, weights)
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-    loss, logs = l1 + kl_weight * kl, {"l1": l1.item(), "kl": kl.item()}
-    if motion_weight > 0:
+    loss, logs = l1 + cfg.kl_weight * kl, {"l1": l1.item(), "kl": kl.item()}
+    if cfg.motion_weight > 0:
         motion = motion_l1(rec, video, weights)
-        loss, logs["motion"] = loss + motion_weight * motion, motion.item()
-    if disc is not None and adv_weight > 0:
+        loss, logs["motion"] = loss + cfg.motion_weight * motion, motion.item()
+    if disc is not None and cfg.adv_weight > 0:
         frozen = {k: v.detach() for k, v in disc.named_parameters()}  # the VAE's term must not train D
         logits = functional_call(disc, frozen, (rec,))
         g_adv = -weighted_mean(logits, patch_weights(weights, logits.shape[-2:]))
         d_loss = F.relu(1 - disc(video)).mean() + F.relu(1 + disc(rec.detach())).mean()
-        w_adv = adv_weight * (gradient_ratio(loss, g_adv, vae.decoder.conv_out.weight) if adaptive else 1.0)
+        w_adv = cfg.adv_weight * (gradient_ratio(loss, g_adv, vae.decoder.conv_out.weight) if cfg.adaptive else 1.0)
         loss = loss + w_adv * g_adv + d_loss
         logs.update(g_adv=g_adv.item(), d_loss=d_loss.item(), w_adv=float(w_adv))
     return loss, logs
@@ -123,6 +142,7 @@ def latent_scale(vae: CausalVAE, data, n: int = 8) -> float:
 
 @distributed.launched
 def cmd_train_vae(args) -> int:
+    loss_cfg = VAELossConfig.from_args(args)
     torch.manual_seed(args.seed)  # fresh weights (VAE, discriminator) are the seed's, the same in every process
     p = preset(args.preset)
     data = training_data(args.data, p.dit, clip_frames(p.dit, args.chunks))
@@ -168,8 +188,7 @@ def cmd_train_vae(args) -> int:
 
     def step(i, g):
         video = sample_batch(data, args.batch, g)["video"].to(args.device)
-        return vae_loss(vae, video, g, args.kl_weight, disc, args.adv_weight if i >= args.adv_start else 0.0,
-                        weights, args.decoder_only, args.motion_weight, args.adv_adaptive, args.change_weight)
+        return vae_loss(vae, video, g, loss_cfg, disc if i >= loss_cfg.adv_start else None, weights)
 
     def export():
         if not args.decoder_only:  # a frozen encoder keeps its latent scale
@@ -184,7 +203,8 @@ def cmd_train_vae(args) -> int:
 def register(sub):
     p = sub.add_parser("train-vae", help="stage 1: train the causal VAE on a prepared dataset")
     add_common_args(p)
-    p.add_argument("--kl-weight", type=float, default=1e-4)
+    d = VAELossConfig()
+    p.add_argument("--kl-weight", type=float, default=d.kl_weight)
     p.add_argument("--init", help="start from this VAE checkpoint instead of from scratch (one of another temporal compression is "
                    "carried over: see relayout.py)")
     p.add_argument("--decoder-only", action="store_true", help="fine-tune only the decoder of --init: the "
@@ -199,15 +219,15 @@ def register(sub):
                    "splits into its frames (0 = written together by the output conv; default: --init's, or the "
                    "preset's): the levels from it on draw each frame apart; an --init VAE is carried over "
                    "(relayout.py), and with --decoder-only its latents stay valid for a DiT trained on them")
-    p.add_argument("--adv-weight", type=float, default=0.0, help="hinge GAN weight (0 = off)")
+    p.add_argument("--adv-weight", type=float, default=d.adv_weight, help="hinge GAN weight (0 = off)")
     p.add_argument("--face-weight", type=float, default=0.0, help="extra L1 weight on the face box (0 = off)")
     p.add_argument("--mouth-weight", type=float, default=0.0, help="extra L1 weight on the mouth region (0 = off)")
-    p.add_argument("--motion-weight", type=float, default=0.0, help="weight of the L1 between frame-to-frame "
+    p.add_argument("--motion-weight", type=float, default=d.motion_weight, help="weight of the L1 between frame-to-frame "
                    "changes of the reconstruction and the video (0 = off): keeps motion inside a latent's frame group")
     p.add_argument("--adv-adaptive", action="store_true", help="scale the GAN weight by the ratio of the "
                    "reconstruction's to the GAN term's gradient norm at the decoder's last layer (taming-transformers)")
-    p.add_argument("--change-weight", type=float, default=0.0, help="extra L1 weight on the pixels that change "
+    p.add_argument("--change-weight", type=float, default=d.change_weight, help="extra L1 weight on the pixels that change "
                    "from the previous frame (full at a change of 13 grey levels; 0 = off): weights getting both "
                    "frames of a latent right where they differ, without the motion term's pull to no change")
-    p.add_argument("--adv-start", type=int, default=0, help="step at which the adversarial term starts")
+    p.add_argument("--adv-start", type=int, default=d.adv_start, help="step at which the adversarial term starts")
     p.set_defaults(fn=cmd_train_vae)
