@@ -3,7 +3,7 @@
 No face video can be downloaded here, so tests, benchmarks and the demo model learn from faces
 drawn with OpenCV primitives: many identities (face shape, skin, hair, eyes, background,
 glasses/earrings/beard/hat), natural head motion and blinks, and a mouth driven by the speech
-audio through `metrics.audio_mouth_shape` (openness from the speech-band envelope and an F1 cue,
+audio through `mouth.audio_mouth_shape` (openness from the speech-band envelope and an F1 cue,
 width from an F2 cue). Lip-sync is therefore learnable and measurable, and the ground truth of
 every frame (mouth openness/width, head pose, blink) is written beside each clip.
 
@@ -16,7 +16,7 @@ Speech: espeak-ng (Debian) with varied accents, voice variants, rates and pitche
 otherwise (CI) a dependency-free formant "babble" synthesiser: voiced syllables with a pitch contour
 and vowel formants, consonant noise, word gaps and phrase pauses.
 
-Faces are centred with the mouth inside `metrics.MOUTH_ROI`: that is the framing `prepare` keeps
+Faces are centred with the mouth inside `mouth.MOUTH_ROI`: that is the framing `prepare` keeps
 for synth clips (it centre-crops them rather than re-detecting the face).
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 
 from .jobs import parallel_map
-from ..eval.metrics import audio_mouth_shape
+from .mouth import audio_mouth_shape, resample
 
 log = logging.getLogger("rest_model.synth")
 
@@ -112,14 +112,6 @@ def _read_wav(path) -> tuple[np.ndarray, int]:
     return x.reshape(-1, ch).mean(1), sr
 
 
-def _resample(x: np.ndarray, sr: int, target: int) -> np.ndarray:
-    if sr == target:
-        return x
-    import torch
-    import torchaudio
-    return torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(x)), sr, target).numpy()
-
-
 def espeak(text: str, voice: str, rate: int, pitch: int, sr: int = SAMPLE_RATE) -> np.ndarray:
     """Speak `text` with espeak-ng -> mono float32 at `sr`."""
     with tempfile.TemporaryDirectory() as d:
@@ -129,7 +121,7 @@ def espeak(text: str, voice: str, rate: int, pitch: int, sr: int = SAMPLE_RATE) 
         if r.returncode != 0 or not os.path.isfile(path):
             raise RuntimeError(f"espeak-ng -v {voice} failed: {r.stderr.strip()[:200]}")
         x, esr = _read_wav(path)
-    return _resample(x, esr, sr).astype(np.float32)
+    return resample(x, esr, sr).astype(np.float32)
 
 
 @dataclass

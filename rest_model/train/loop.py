@@ -286,7 +286,7 @@ def region_weights(h: int, w: int, face_weight: float = 0.0, mouth_weight: float
     + mouth_weight on the mouth region (the boxes the metrics judge), normalised to mean 1. At a high
     compression the loss is otherwise spent on the large background, and the small mouth, the part lip-sync
     lives in, is what blurs away first."""
-    from ..eval.metrics import FACE_BOX, MOUTH_ROI
+    from ..data.mouth import FACE_BOX, MOUTH_ROI
     wmap = torch.ones(h, w)
     for (top, bottom, left, right), extra in ((FACE_BOX, face_weight), (MOUTH_ROI, mouth_weight)):
         wmap[round(top * h):round(bottom * h), round(left * w):round(right * w)] += extra

@@ -9,7 +9,7 @@ directly. LatentSync reports a pixel expert more accurate than a latent one; `tr
 accuracy of this one.
 
 Two towers, each ending in a unit vector:
-  video: the latent cells over the mouth region (the metrics' MOUTH_ROI and one cell around it for head motion),
+  video: the latent cells over the mouth region (data.mouth.MOUTH_ROI and one cell around it for head motion),
          `span` latent frames
   audio: the log-mel of those frames' audio and `pad` frames each side
 scored s(v, a) = exp(log_scale) * cos(v, a). Per latent position (InfoNCE), the aligned audio must outscore the
@@ -34,7 +34,7 @@ from torch import nn
 
 from .. import checkpoint
 from ..config import SyncExpertConfig, latent_layout
-from ..eval.metrics import MOUTH_ROI
+from ..data.mouth import MOUTH_ROI
 
 
 def mouth_cells(cfg: SyncExpertConfig) -> tuple[slice, slice]:
