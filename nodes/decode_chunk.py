@@ -1,19 +1,41 @@
 """Decode Chunk: latent chunks -> ComfyUI IMAGE frames, with the streaming VAE decoder."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
 from ..rest_model.checkpoint import CheckpointError
 from ..rest_model.config import check_compatible
 from ..rest_model.streamer import decode_stream
-from . import host
-from .payloads import CHUNKS, VAE, placement, source
+from . import host, managed
+from .payloads import CHUNKS, VAE
+
+
+def decoded_chunks(vae, chunks) -> Iterator[torch.Tensor]:
+    """Each chunk's video frames [n, 3, H, W] in [-1, 1], on the VAE's device, decoded once in order with the
+    carried decoder state; with a progress bar and Cancel between chunks."""
+    try:
+        check_compatible(vae.cfg, chunks.dit_cfg)
+    except ValueError as e:
+        raise CheckpointError(f"these latent chunks cannot be decoded by {vae.file}: {e}") from None
+    if not len(chunks):
+        raise ValueError("no latent chunks to decode (the Streaming Sampler produced none)")
+    vae_m, = managed.use(vae)
+    p = next(vae_m.parameters())
+    progress = host.Progress(len(chunks))
+    latents = (z.to(p.device, p.dtype) for z in chunks)  # a no-op for chunks already there
+    for j, (frames, n) in enumerate(zip(decode_stream(vae_m, latents), chunks.num_frames)):
+        host.check_interrupt()
+        yield frames[:n]
+        progress.update(j + 1)
 
 
 class RESTDecodeChunk:
     DESCRIPTION = ("Decodes the latent chunks one at a time with the streaming (causal) VAE decoder, so decoder "
-                   "memory stays the same for a 5-second or a 5-hour video; frames go straight into one "
-                   "preallocated IMAGE batch for Create Video.")
+                   "memory stays the same for a 5-second or a 5-hour video; frames go into one preallocated "
+                   "IMAGE batch for graphs that post-process frames. For long videos use Stream To Video, which "
+                   "never holds the frames.")
     CATEGORY = "REST"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("frames",)
@@ -28,22 +50,12 @@ class RESTDecodeChunk:
         }}
 
     def decode(self, vae, chunks):
-        if chunks.dit_cfg is not None:
-            try:
-                check_compatible(vae.cfg, chunks.dit_cfg)
-            except ValueError as e:
-                raise CheckpointError(f"these latent chunks cannot be decoded by {source(vae)}: {e}") from None
-        if not chunks.latents:
-            raise ValueError("no latent chunks to decode (the Streaming Sampler produced none)")
-        device, dtype = placement(vae)
-        progress, frames, i = host.Progress(len(chunks.latents)), None, 0
-        latents = (z.to(device, dtype) for z in chunks.latents)
-        for j, (batch, n) in enumerate(zip(decode_stream(vae, latents), chunks.num_frames)):
-            host.check_interrupt()
-            rgb = ((batch[:n].float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()  # (n, H, W, 3)
-            if frames is None:  # allocated once, so peak memory is the output plus one chunk
-                frames = torch.empty(chunks.total_frames, *rgb.shape[1:])
-            frames[i:i + n] = rgb
-            i += n
-            progress.update(j + 1)
+        frames, i = None, 0
+        with torch.no_grad():
+            for batch in decoded_chunks(vae, chunks):
+                rgb = ((batch.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()  # (n, H, W, 3)
+                if frames is None:  # allocated once, so peak memory is the output plus one chunk
+                    frames = torch.empty(chunks.total_frames, *rgb.shape[1:])
+                frames[i:i + len(rgb)] = rgb
+                i += len(rgb)
         return (frames,)

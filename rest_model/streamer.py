@@ -141,7 +141,7 @@ def chunk_decoder(vae: CausalVAE, overlap: bool = False):
 
 
 @torch.no_grad()
-def stream(vae: CausalVAE, dit: CausalDiT, portrait: torch.Tensor, audio: AudioSource, cfg: StreamConfig,
+def stream(vae: CausalVAE | None, dit: CausalDiT, portrait: torch.Tensor | None, audio: AudioSource, cfg: StreamConfig,
            seed: int = 0, decode: bool = True, start_frame: int = 0,
            callback: Callable[[Chunk], None] | None = None,
            id_sink: list[LayerKV] | None = None, overlap_decode: bool = False) -> Iterator[Chunk]:
@@ -154,12 +154,17 @@ def stream(vae: CausalVAE, dit: CausalDiT, portrait: torch.Tensor, audio: AudioS
     computed once per portrait, not once per run; the Context-Cache always starts empty.
     `overlap_decode`: decode chunk j on a worker while the DiT makes chunk j + 1 (throughput for one
     chunk of latency; the frames are the same). The VAE may sit on another device than the DiT.
+    With `decode=False` and an `id_sink`, neither the VAE nor the portrait is needed (None): the stream
+    makes latent chunks only, which whoever holds the VAE decodes (the ComfyUI sampler node).
     """
     d = dit.cfg
     k, tc, a = cfg.chunk_frames, d.temporal_compression, d.audio_context
     p = next(dit.parameters())
     enc = dit.audio_encoder
-    check_compatible(vae.cfg, dit.cfg)
+    if vae is not None:
+        check_compatible(vae.cfg, dit.cfg)
+    elif decode or id_sink is None:
+        raise ValueError("stream needs the VAE to encode the portrait or decode the chunks")
     if id_sink is None:
         id_sink = dit.id_sink(prepare_reference(vae, dit, portrait))
     cache = IDContextCache(id_sink, cfg.context_frames, d.tokens_per_frame, start_frame)

@@ -1,15 +1,18 @@
-"""ID-Context Cache: portrait IMAGE -> REST_CACHE, the ID-Sink computed once for the whole stream."""
+"""ID-Context Cache: the reference portrait IMAGE -> REST_CACHE, its ID-Sink computed once for the whole stream.
+
+(The node of the pack's `ID-Context Cache`; rest_model/id_context_cache.py is the cache itself, which the
+stream builds around the ID-Sink this node computes.)"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..rest_model.config import StreamConfig
-from ..rest_model.media import CROP_MODES, fit_portrait
-from ..rest_model.streamer import new_cache, prepare_reference
+from ..rest_model.media import CROP_MODES, fit_portrait, to_rgb
+from ..rest_model.streamer import prepare_reference
+from . import managed
 from .host import log
 from .loaders import check_pair, precision_errors
-from .payloads import CACHE, DIT, VAE, RestCache, placement, source
+from .payloads import CACHE, DIT, VAE, IDSink
 
 
 def portrait_chw(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -36,7 +39,8 @@ class RESTIDContextCache:
     CATEGORY = "REST"
     RETURN_TYPES = (CACHE, "IMAGE")
     RETURN_NAMES = ("cache", "portrait")
-    OUTPUT_TOOLTIPS = ("ID-Sink + rolling Context-Cache for the Streaming Sampler.",
+    OUTPUT_TOOLTIPS = ("The portrait's ID-Sink (K/V per DiT block) and the Context-Cache length, for the Streaming "
+                       "Sampler; it remembers which DiT made it.",
                        "The portrait exactly as the model sees it (after crop and resize).")
     FUNCTION = "build"
 
@@ -46,7 +50,8 @@ class RESTIDContextCache:
             "image": ("IMAGE", {"tooltip": "The reference portrait, any size. Only the first image of a batch "
                                            "is used."}),
             "vae": (VAE, {"tooltip": "The REST VAE that encodes the portrait to its reference latent."}),
-            "dit": (DIT, {"tooltip": "The causal DiT whose blocks compute the ID-Sink K/V."}),
+            "dit": (DIT, {"tooltip": "The causal DiT whose blocks compute the ID-Sink K/V (the Streaming "
+                                     "Sampler must get the same one)."}),
             "context_frames": ("INT", {"default": 4, "min": 0, "max": 64, "tooltip":
                                        "Latent frames of recent K/V kept in the rolling Context-Cache "
                                        "(temporal coherence). Memory stays constant whatever the video length; "
@@ -60,14 +65,12 @@ class RESTIDContextCache:
 
     def build(self, image, vae, dit, context_frames=4, crop="center", mask=None):
         check_pair(vae, dit)
-        device, dtype = placement(dit)
-        if placement(vae) != (device, dtype):
-            # the one stream loop runs VAE and DiT on one device and dtype
-            log.info("REST: moving the VAE %s to the DiT's %s / %s", source(vae), device, dtype)
-            vae.to(device, dtype)
-        portrait = fit_portrait(portrait_chw(image, mask), dit.cfg.resolution, crop)
-        with torch.no_grad(), precision_errors(dit):
-            reference = prepare_reference(vae, dit, portrait)
-            cache = new_cache(dit, reference, StreamConfig(context_frames=context_frames))
+        original = portrait_chw(image, mask)  # a new tensor: the IMAGE input is never changed
+        portrait = fit_portrait(original, dit.cfg.resolution, crop)
+        vae_m, dit_m = managed.use(vae, dit)
+        with torch.no_grad(), precision_errors(dit.dtype):
+            # the VAE encodes on its own device and dtype, the reference latent moves to the DiT's
+            sink = dit_m.id_sink(prepare_reference(vae_m, dit_m, portrait))
+        cache = IDSink(sink, context_frames, dit.identity, to_rgb(original).clamp(0, 1))
         shown = ((portrait + 1) / 2).permute(1, 2, 0)[None].float().cpu()
-        return (RestCache(vae, dit, portrait, reference, cache, context_frames), shown)
+        return (cache, shown)
