@@ -107,7 +107,8 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
 
 class VideoWriter:
     """mp4 (H.264 + AAC) written as frames arrive. Both streams must exist before the first packet,
-    so the speech track is given up front and encoded on close."""
+    so the speech track is given up front and encoded on close, a second at a time (an hour of speech is
+    never copied whole)."""
 
     def __init__(self, path: str | os.PathLike, fps: int, width: int, height: int,
                  audio: torch.Tensor | None = None, sample_rate: int | None = None, crf: int = 18):
@@ -120,7 +121,7 @@ class VideoWriter:
         self.audio_stream = None
         if audio is not None:
             wave = audio if audio.ndim == 2 else audio[None]
-            self.wave = np.ascontiguousarray(wave[:2].float().clamp(-1, 1).cpu().numpy())
+            self.wave = wave[:2]  # a view: converted piece by piece in close()
             self.layout = "stereo" if self.wave.shape[0] == 2 else "mono"
             self.audio_stream = self.container.add_stream("aac", rate=sample_rate, layout=self.layout)
             self.rate = sample_rate
@@ -135,10 +136,12 @@ class VideoWriter:
         for packet in self.video.encode():
             self.container.mux(packet)
         if self.audio_stream is not None:
-            frame = av.AudioFrame.from_ndarray(self.wave, format="fltp", layout=self.layout)
-            frame.sample_rate = self.rate
-            for packet in self.audio_stream.encode(frame):
-                self.container.mux(packet)
+            for start in range(0, self.wave.shape[1], self.rate):
+                piece = np.ascontiguousarray(self.wave[:, start:start + self.rate].float().clamp(-1, 1).cpu().numpy())
+                frame = av.AudioFrame.from_ndarray(piece, format="fltp", layout=self.layout)
+                frame.sample_rate, frame.pts = self.rate, start
+                for packet in self.audio_stream.encode(frame):
+                    self.container.mux(packet)
             for packet in self.audio_stream.encode(None):
                 self.container.mux(packet)
         self.container.close()
