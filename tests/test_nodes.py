@@ -692,3 +692,77 @@ def test_stream_to_video_memory_does_not_grow_with_audio_length(loaded, tmp_path
     one_chunk = 8 * 32 * 32 * 3 * (4 + 1)  # a chunk's frames in float32 and in uint8
     assert long_alive == short_alive == one_chunk, peaks  # the frames of one chunk, never the video's 250
     assert long_peak < 1.5 * short_peak + 256 * 1024, peaks  # 10x the audio, not 10x the memory
+
+
+# -- templates that run as shipped ----------------------------------------------------------------------------
+def test_template_inputs_are_placed_once_and_a_users_file_is_never_touched(tmp_path, monkeypatch):
+    host = importlib.import_module(f"{PACK}.nodes.host")
+    media = rm("media")
+    inp = tmp_path / "input"
+    inp.mkdir()
+    (inp / "rest_speech.wav").write_bytes(b"the user's own file")
+    fp = fake_folder_paths(tmp_path, tmp_path / "none")
+    fp.get_input_directory = lambda: str(inp)
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    assert host.install_template_inputs() == ["rest_portrait.png", "rest_speech_long.wav"]
+    assert (inp / "rest_speech.wav").read_bytes() == b"the user's own file"
+    assert (inp / "rest_portrait.png").read_bytes() == (ROOT / "assets" / "portrait.png").read_bytes()
+    long_wave, sr = media.load_audio(inp / "rest_speech_long.wav")
+    short_wave, _ = media.load_audio(ROOT / "assets" / "speech.wav")
+    assert long_wave.shape[-1] == host.LONG_SPEECH_SECONDS * sr  # the bundled speech tiled to 60 s
+    n = short_wave.shape[-1]
+    assert torch.allclose(long_wave[:, n:2 * n], short_wave, atol=1 / 32767)  # 16-bit copies of the same speech
+    assert sorted(p.name for p in inp.iterdir()) == ["rest_portrait.png", "rest_speech.wav", "rest_speech_long.wav"]
+    stamp = (inp / "rest_speech_long.wav").stat().st_mtime_ns
+    assert host.install_template_inputs() == []  # a second start changes nothing
+    assert (inp / "rest_speech_long.wav").stat().st_mtime_ns == stamp
+
+
+def test_template_inputs_failure_is_logged_not_fatal(tmp_path, caplog):
+    host = importlib.import_module(f"{PACK}.nodes.host")
+    blocker = tmp_path / "input"
+    blocker.write_text("a file where the input folder should be")
+    assert host.install_template_inputs(blocker) == []
+    assert "could not place the template inputs" in caplog.text
+
+
+# -- ComfyUI's model management -------------------------------------------------------------------------------
+@pytest.fixture
+def model_management(comfy, monkeypatch):
+    """comfy.model_patcher.ModelPatcher and model_management.load_models_gpu, recording what the nodes ask."""
+    mm = sys.modules["comfy.model_management"]
+    comfy.loads = []
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+            self.model, self.load_device, self.offload_device = model, load_device, offload_device
+
+    def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                        force_full_load=False):
+        comfy.loads.append(([m.model for m in models], force_full_load))
+
+    mm.load_models_gpu = load_models_gpu
+    mm.unet_offload_device = mm.vae_offload_device = lambda: torch.device("cpu")
+    patcher = types.ModuleType("comfy.model_patcher")
+    patcher.ModelPatcher = ModelPatcher
+    sys.modules["comfy"].model_patcher = patcher
+    monkeypatch.setitem(sys.modules, "comfy.model_patcher", patcher)
+    return comfy
+
+
+def test_models_are_registered_with_comfyui_and_loaded_before_each_use(env, model_management):
+    vae, _ = run("RESTLoadVAE", vae_name="tiny_vae.safetensors")
+    dit, _ = run("RESTLoadCausalDiT", dit_name="tiny_dit.safetensors", device="cpu", vae=vae)
+    for m in (vae, dit):
+        assert m.patcher.model is m.module and m.patcher.load_device == m.patcher.offload_device == torch.device("cpu")
+    assert model_management.loads == []  # loading a file only parks it; nodes load it when they run
+    rest_audio, *_ = run("RESTAudioEncode", audio=speech(0.3), dit=dit)
+    assert model_management.loads == []  # Audio Encode runs no model
+    cache, _ = run("RESTIDContextCache", image=image(), vae=vae, dit=dit)
+    chunks, _ = run("RESTStreamingSampler", dit=dit, cache=cache, audio=rest_audio, vae=vae)
+    run("RESTDecodeChunk", vae=vae, chunks=chunks)
+    run("RESTStreamToVideo", vae=vae, chunks=chunks)
+    run("RESTStreamingSampler", dit=dit, cache=cache, audio=rest_audio, vae=vae, preview=False)
+    V, D = vae.module, dit.module
+    # whole loads (our layers are not comfy.ops, a partial lowvram load would strand weights on the CPU)
+    assert model_management.loads == [([V, D], True), ([D, V], True), ([V], True), ([V], True), ([D], True)]

@@ -272,3 +272,19 @@ def test_nodes_never_install_or_download_anything():
     for path in (ROOT / "nodes").glob("*.py"):
         text = path.read_text()
         assert not re.search(r"pip\b.*install|subprocess|urllib|requests|hf_hub|snapshot_download|torch\.hub", text), path
+
+
+def test_a_workflow_saved_before_the_socket_redesign_still_runs(defs, tiny_models, tmp_path, monkeypatch):
+    """Node keys did not change and every new input is optional: the pre-redesign template (loaders with one
+    output, no VAE on the sampler) runs to the same kind of mp4 (ComfyUI's frontend adds the new outputs)."""
+    monkeypatch.setenv("REST_MODELS_DIR", str(tiny_models))
+    media = importlib.import_module(f"{PACK}.rest_model.media")
+    old = json.loads((ROOT / "tests" / "fixtures" / "rest_talking_head_v0.json").read_text())
+    problems = check.validate_workflow(old, defs)
+    assert problems and all("differ from the node's" in p and "'STRING'" in p for p in problems)  # only the outputs
+    record = {}
+    prompt = check.to_api_prompt(old, defs, {("RESTLoadVAE", "vae_name"): "vae.safetensors",
+                                             ("RESTLoadCausalDiT", "dit_name"): "dit.safetensors"})
+    execute(prompt, core_stand_ins(0.5, tmp_path, record))
+    info = media.probe(record["mp4"])
+    assert info["frames"] == 13 and info["has_audio"]
