@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, media
+from . import checkpoint, framing, media
 from .config import preset
 from .dit import CausalDiT
 from .streamer import AudioSource, stream
@@ -67,7 +67,11 @@ def cmd_generate(args) -> int:
             steps=args.steps, chunk_frames=args.chunk, context_frames=args.context).items() if v is not None})
     except ValueError as e:
         raise ValueError(f"--steps / --chunk / --context: {e}") from None
-    portrait = media.fit_portrait(media.load_image(args.image), dit.cfg.resolution, args.crop)
+    image = media.load_image(args.image)
+    portrait, framed = framing.frame_portrait(image, dit.cfg.resolution, args.crop)
+    print(f"portrait: {framed.message}")
+    db, warning = framing.domain_report(vae, portrait)
+    print(f"warning: {warning}" if warning else f"portrait: the VAE reconstructs it at {db:.1f} dB (like its training faces)")
     wave, sr = media.load_audio(args.audio)
     total = media_frames = None
     t0, first = time.perf_counter(), None
@@ -84,7 +88,11 @@ def cmd_generate(args) -> int:
 
     chunks = stream(vae, dit, portrait, AudioSource.whole(wave, sr), cfg, seed=args.seed, callback=progress,
                     overlap_decode=args.overlap_decode)
-    n = media.write_video(args.out, (c.frames for c in chunks), fps, audio=wave, sample_rate=sr)
+    frames = (c.frames for c in chunks)
+    if args.paste_back:  # H.264 wants even sides: the last odd row/column of the portrait is left out
+        h, w = image.shape[1] // 2 * 2, image.shape[2] // 2 * 2
+        frames = (framing.paste_back(f, image, framed)[:, :, :h, :w] for f in frames)
+    n = media.write_video(args.out, frames, fps, audio=wave, sample_rate=sr)
     dt = time.perf_counter() - t0
     print(file=sys.stderr)
     print(f"wrote {args.out}: {n} frames at {fps} fps ({n / fps:.2f} s), generated in {dt:.2f} s "
@@ -118,7 +126,10 @@ def build_parser(wings=()) -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, help="Euler steps per chunk (default: the model's)")
     g.add_argument("--chunk", type=int, help="latent frames per chunk (default: the model's)")
     g.add_argument("--context", type=int, help="latent frames in the Context-Cache (default: the model's)")
-    g.add_argument("--crop", default="center", choices=media.CROP_MODES)
+    g.add_argument("--crop", default="face", choices=framing.CROP_MODES, help="face: find the face and frame it "
+                   "as the training faces are (centre crop if none is found); center/pad/stretch: the whole picture")
+    g.add_argument("--paste-back", action="store_true", help="write the video at the portrait's own resolution: "
+                   "each generated frame composited into the portrait where the face was taken from")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--overlap-decode", action="store_true", help="decode each chunk with the VAE on a worker "
                    "while the DiT makes the next one (more throughput, one chunk more latency, same frames)")
