@@ -61,6 +61,8 @@ def cmd_generate(args) -> int:
     device = _device("--device", args.device)
     decode_device = _device("--decode-device", args.decode_device) if args.decode_device else device
     vae, dit = _models(args)
+    if not args.random_weights:
+        print(f"model: {checkpoint.describe(args.vae or DEMO_VAE)}\nmodel: {checkpoint.describe(args.dit or DEMO_DIT)}")
     vae.to(decode_device), dit.to(device)
     try:
         cfg = dataclasses.replace(dit.cfg.stream, **{k: v for k, v in dict(
@@ -71,7 +73,8 @@ def cmd_generate(args) -> int:
     portrait, framed = framing.frame_portrait(image, dit.cfg.resolution, args.crop)
     print(f"portrait: {framed.message}")
     db, warning = framing.domain_report(vae, portrait)
-    print(f"warning: {warning}" if warning else f"portrait: the VAE reconstructs it at {db:.1f} dB (like its training faces)")
+    print(f"warning: {warning}" if warning else
+          f"portrait: the model's VAE reconstructs it at {db:.1f} dB (in the range of its training faces)")
     wave, sr = media.load_audio(args.audio)
     total = media_frames = None
     t0, first = time.perf_counter(), None
@@ -103,7 +106,8 @@ def cmd_generate(args) -> int:
 def cmd_export(args) -> int:
     """Re-save a checkpoint (VAE or DiT) with its weights in another precision, e.g. to ship it."""
     module = checkpoint.load_any(args.input)
-    checkpoint.save(module, args.out, dtype=getattr(torch, args.dtype))
+    checkpoint.save(module, args.out, dtype=getattr(torch, args.dtype),
+                    trained_on=checkpoint.read_metadata(args.input).get("trained_on"))
     print(f"wrote {args.out} ({checkpoint.read_metadata(args.out)['kind']}, {args.dtype}, "
           f"{os.path.getsize(args.out) / 2**20:.1f} MiB)")
     return 0
