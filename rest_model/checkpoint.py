@@ -4,6 +4,7 @@ its full config as JSON, so a loader needs nothing but the file. Never unpickles
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -40,14 +41,18 @@ def kind_of(module: torch.nn.Module) -> str:
 
 
 def save(module: torch.nn.Module, path: str | os.PathLike, extra: dict | None = None,
-         dtype: torch.dtype | None = None) -> None:
-    """Write weights + {format, format_version, kind, config[, extra]} metadata atomically.
+         dtype: torch.dtype | None = None, trained_on: str | None = None) -> None:
+    """Write weights + {format, format_version, kind, config[, trained_on][, extra]} metadata atomically.
 
     `dtype` stores floating-point weights in another precision (float16 halves a shipped file); the
     loaders cast them back to the module's dtype, so a float16 file runs in float32 on a CPU.
+    `trained_on` says in plain words what data the weights learned from (the training stages write it):
+    a model is only good near its training data, and a user choosing a file should see which that is.
     """
     kind = kind_of(module)
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": kind, "config": to_json(module.cfg)}
+    if trained_on:
+        meta["trained_on"] = str(trained_on)
     if extra:
         meta["extra"] = json.dumps(extra)
     tensors = {k: v.detach().to(dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous().cpu()
@@ -77,6 +82,24 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if meta.get("kind") not in NAMES or "config" not in meta:
         raise CheckpointError(f"{path}: REST metadata lacks a valid kind/config")
     return meta
+
+
+def describe(path: str | os.PathLike) -> str:
+    """One line about a model file from its header alone (no weights are read): its kind, size and
+    what it was trained on ("not stated" for files written before the field existed)."""
+    meta = read_metadata(path)
+    kind = meta["kind"]
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            shapes = [f.get_slice(k).get_shape() for k in f.keys()]
+        params = sum(math.prod(s) for s in shapes)
+        cfg = json.loads(meta["config"])
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: header unreadable: {e}") from None
+    what = f"{NAMES[kind]}, {params / 1e6:.1f} M parameters"
+    if kind == "dit" and isinstance(cfg, dict) and "resolution" in cfg:
+        what += f", {cfg['resolution']}x{cfg['resolution']} at {cfg.get('fps', '?')} fps"
+    return f"{os.path.basename(os.fspath(path))}: {what}; trained on: {meta.get('trained_on') or 'not stated'}"
 
 
 def load(path: str | os.PathLike, kind: str, device="cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:

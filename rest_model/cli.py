@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, media
+from . import checkpoint, framing, media
 from .config import preset
 from .dit import CausalDiT
 from .streamer import AudioSource, stream
@@ -61,13 +61,20 @@ def cmd_generate(args) -> int:
     device = _device("--device", args.device)
     decode_device = _device("--decode-device", args.decode_device) if args.decode_device else device
     vae, dit = _models(args)
+    if not args.random_weights:
+        print(f"model: {checkpoint.describe(args.vae or DEMO_VAE)}\nmodel: {checkpoint.describe(args.dit or DEMO_DIT)}")
     vae.to(decode_device), dit.to(device)
     try:
         cfg = dataclasses.replace(dit.cfg.stream, **{k: v for k, v in dict(
             steps=args.steps, chunk_frames=args.chunk, context_frames=args.context).items() if v is not None})
     except ValueError as e:
         raise ValueError(f"--steps / --chunk / --context: {e}") from None
-    portrait = media.fit_portrait(media.load_image(args.image), dit.cfg.resolution, args.crop)
+    image = media.load_image(args.image)
+    portrait, framed = framing.frame_portrait(image, dit.cfg.resolution, args.crop)
+    print(f"portrait: {framed.message}")
+    db, warning = framing.domain_report(vae, portrait)
+    print(f"warning: {warning}" if warning else
+          f"portrait: the model's VAE reconstructs it at {db:.1f} dB (in the range of its training faces)")
     wave, sr = media.load_audio(args.audio)
     total = media_frames = None
     t0, first = time.perf_counter(), None
@@ -84,7 +91,11 @@ def cmd_generate(args) -> int:
 
     chunks = stream(vae, dit, portrait, AudioSource.whole(wave, sr), cfg, seed=args.seed, callback=progress,
                     overlap_decode=args.overlap_decode)
-    n = media.write_video(args.out, (c.frames for c in chunks), fps, audio=wave, sample_rate=sr)
+    frames = (c.frames for c in chunks)
+    if args.paste_back:  # H.264 wants even sides: the last odd row/column of the portrait is left out
+        h, w = image.shape[1] // 2 * 2, image.shape[2] // 2 * 2
+        frames = (framing.paste_back(f, image, framed)[:, :, :h, :w] for f in frames)
+    n = media.write_video(args.out, frames, fps, audio=wave, sample_rate=sr)
     dt = time.perf_counter() - t0
     print(file=sys.stderr)
     print(f"wrote {args.out}: {n} frames at {fps} fps ({n / fps:.2f} s), generated in {dt:.2f} s "
@@ -95,7 +106,8 @@ def cmd_generate(args) -> int:
 def cmd_export(args) -> int:
     """Re-save a checkpoint (VAE or DiT) with its weights in another precision, e.g. to ship it."""
     module = checkpoint.load_any(args.input)
-    checkpoint.save(module, args.out, dtype=getattr(torch, args.dtype))
+    checkpoint.save(module, args.out, dtype=getattr(torch, args.dtype),
+                    trained_on=checkpoint.read_metadata(args.input).get("trained_on"))
     print(f"wrote {args.out} ({checkpoint.read_metadata(args.out)['kind']}, {args.dtype}, "
           f"{os.path.getsize(args.out) / 2**20:.1f} MiB)")
     return 0
@@ -118,7 +130,10 @@ def build_parser(wings=()) -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, help="Euler steps per chunk (default: the model's)")
     g.add_argument("--chunk", type=int, help="latent frames per chunk (default: the model's)")
     g.add_argument("--context", type=int, help="latent frames in the Context-Cache (default: the model's)")
-    g.add_argument("--crop", default="center", choices=media.CROP_MODES)
+    g.add_argument("--crop", default="face", choices=framing.CROP_MODES, help="face: find the face and frame it "
+                   "as the training faces are (centre crop if none is found); center/pad/stretch: the whole picture")
+    g.add_argument("--paste-back", action="store_true", help="write the video at the portrait's own resolution: "
+                   "each generated frame composited into the portrait where the face was taken from")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--overlap-decode", action="store_true", help="decode each chunk with the VAE on a worker "
                    "while the DiT makes the next one (more throughput, one chunk more latency, same frames)")

@@ -188,7 +188,7 @@ def cmd_distill(args) -> int:
                         expert, args.sync_weight)
 
     train_loop("asd", models, step, args.out, loop_config(args),
-               lambda: export_model(student, os.path.join(args.out, "student_asd.safetensors")))
+               lambda: export_model(student, os.path.join(args.out, "student_asd.safetensors"), args.data))
     return 0
 
 

@@ -27,7 +27,7 @@ from .. import checkpoint
 from . import distributed
 from ..audio import SampleTimeline
 from ..config import DiTConfig
-from ..data.prepare import ClipDataset
+from ..data.prepare import ClipDataset, describe_dataset
 from ..dit import CausalDiT, audio_windows
 
 log = logging.getLogger("rest_model.train")
@@ -254,10 +254,11 @@ def make_trainable(dit: CausalDiT) -> CausalDiT:
     return dit
 
 
-def export_model(module, path: str):
-    """Deployable checkpoint (weights + config), as the loaders and nodes read it."""
+def export_model(module, path: str, data: str | None = None):
+    """Deployable checkpoint (weights + config, and what it was trained on: the dataset folder `data`
+    described), as the loaders and nodes read it."""
     was = module.training
-    checkpoint.save(module.eval(), path)
+    checkpoint.save(module.eval(), path, trained_on=describe_dataset(data) if data else None)
     module.train(was)
 
 

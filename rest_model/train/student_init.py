@@ -124,7 +124,7 @@ def cmd_init_student(args) -> int:
                                  guidance=args.audio_guidance)
 
     train_loop("student", {"dit": student}, step, args.out, loop_config(args),
-               lambda: export_model(student, os.path.join(args.out, "student_init.safetensors")))
+               lambda: export_model(student, os.path.join(args.out, "student_init.safetensors"), args.data))
     return 0
 
 
