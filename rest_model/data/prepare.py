@@ -39,16 +39,18 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset, get_worker_info
 
+from ..errors import InputError
 from ..framing import FACE_SCALE, face_square, find_face
 from .jobs import parallel_map
 
@@ -622,9 +624,20 @@ class ClipDataset(Dataset):
 
     def _tensors(self, i):
         if i not in self._mem:
-            with safe_open(os.fspath(self.root / self.clips[i]["file"]), framework="pt") as f:
+            with self._open(i) as f:
                 self._mem[i] = {k: f.get_tensor(k) for k in f.keys()}
         return self._mem[i]
+
+    @contextmanager
+    def _open(self, i):
+        """The clip's file for reading; a truncated or corrupt one is named, with what to do about it."""
+        path = self.root / self.clips[i]["file"]
+        try:
+            with safe_open(os.fspath(path), framework="pt") as f:
+                yield f
+        except (SafetensorError, OSError, KeyError) as e:
+            raise InputError(f"{path}: dataset clip unreadable (truncated or corrupt?): {type(e).__name__}: {e}. "
+                             f"Run `python -m rest_model prepare` again for this dataset") from None
 
     def load(self, i: int, start: int, ref_frame: int) -> dict:
         """The item of clip i with the crop starting at `start` and the reference at `ref_frame`."""
@@ -640,7 +653,7 @@ class ClipDataset(Dataset):
             audio_full = t["audio"][a0:a1]
             extras = {k: t[k][start:start + n] for k in ("mouth_open", "mouth_width", "head_pose") if k in t}
         else:
-            with safe_open(os.fspath(self.root / c["file"]), framework="pt") as f:
+            with self._open(i) as f:
                 keys = set(f.keys())
                 vs = f.get_slice("video")
                 video, ref = vs[start:start + n], vs[ref_frame:ref_frame + 1]
