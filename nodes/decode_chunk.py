@@ -7,6 +7,7 @@ import torch
 
 from ..rest_model.checkpoint import CheckpointError
 from ..rest_model.config import check_compatible
+from ..rest_model.framing import paste_back
 from ..rest_model.streamer import decode_stream
 from . import host, managed
 from .payloads import CHUNKS, VAE
@@ -31,6 +32,17 @@ def decoded_chunks(vae, chunks) -> Iterator[torch.Tensor]:
         progress.update(j + 1)
 
 
+PASTE_BACK_TIP = ("Composite the generated face into the original portrait at its full resolution, with a "
+                  "feathered edge (the framing the ID-Context Cache chose). Off: the model's square.")
+
+
+def pasted(frames: torch.Tensor, chunks, even: bool = False) -> torch.Tensor:
+    """Frames [n, 3, s, s] -> the original portrait [n, 3, H, W] with the frames pasted where the face was
+    framed (CPU, where the original is). `even`: H.264 wants even sides, an odd last row/column is left out."""
+    out = paste_back(frames.float().cpu(), chunks.original, chunks.framing)
+    return out[:, :, :out.shape[2] // 2 * 2, :out.shape[3] // 2 * 2] if even else out
+
+
 class RESTDecodeChunk:
     DESCRIPTION = ("Decodes the latent chunks one at a time with the streaming (causal) VAE decoder, so decoder "
                    "memory stays the same for a 5-second or a 5-hour video; frames go into one preallocated "
@@ -47,12 +59,16 @@ class RESTDecodeChunk:
         return {"required": {
             "vae": (VAE, {"tooltip": "The REST VAE (the one the ID-Context Cache used)."}),
             "chunks": (CHUNKS, {"tooltip": "Latent chunks from the Streaming Sampler."}),
+        }, "optional": {
+            "paste_back": ("BOOLEAN", {"default": False, "tooltip": PASTE_BACK_TIP}),
         }}
 
-    def decode(self, vae, chunks):
+    def decode(self, vae, chunks, paste_back=False):
         frames, i = None, 0
         with torch.no_grad():
             for batch in decoded_chunks(vae, chunks):
+                if paste_back:
+                    batch = pasted(batch, chunks)
                 rgb = ((batch.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()  # (n, H, W, 3)
                 if frames is None:  # allocated once, so peak memory is the output plus one chunk
                     frames = torch.empty(chunks.total_frames, *rgb.shape[1:])

@@ -1,7 +1,6 @@
 """Load REST VAE / Load Causal DiT: a file from models/rest/ -> a RestModel under ComfyUI's model management."""
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 
 import torch
@@ -41,28 +40,11 @@ def precision_errors(dtype: torch.dtype):
         raise
 
 
-def describe(path: str) -> str:
-    """What a model file is and what it was trained on, from its metadata alone (no weights read)."""
-    if hasattr(checkpoint, "describe"):
-        return checkpoint.describe(path)
-    meta = checkpoint.read_metadata(path)
-    cfg = json.loads(meta["config"])
-    extra = json.loads(meta.get("extra", "{}") or "{}")
-    trained = extra.get("trained_on") or "not stated in the file"
-    if meta["kind"] == "dit":
-        shape = (f"causal DiT, {cfg['resolution']}x{cfg['resolution']} at {cfg['fps']} fps, {cfg['depth']} blocks "
-                 f"of width {cfg['dim']}, latent {cfg['latent_channels']} channels")
-    else:
-        shape = (f"REST VAE, {cfg['spatial_compression']}x spatial / {cfg['temporal_compression']}x temporal "
-                 f"compression, {cfg['latent_channels']} latent channels")
-    return f"{path}: {shape}; trained on: {trained}"
-
-
 def _load(name: str, kind: str, device: torch.device, dtype: str) -> tuple[RestModel, str]:
     path = host.model_path(name)
     offload = host.offload_device(device, kind)
     module = checkpoint.load(path, kind, offload, _dtype(dtype))  # parked; `managed.use` brings it to `device`
-    info = describe(path)
+    info = checkpoint.describe(path)  # from the header: kind, size, what it was trained on
     host.log.info("REST: loaded %s", info)
     return RestModel(module, path, device, offload), info
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..rest_model.media import CROP_MODES, fit_portrait, to_rgb
+from ..rest_model.framing import CROP_MODES, domain_report, frame_portrait
+from ..rest_model.media import to_rgb
 from ..rest_model.streamer import prepare_reference
 from . import managed
 from .host import log
@@ -33,9 +34,11 @@ def portrait_chw(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
 
 
 class RESTIDContextCache:
-    DESCRIPTION = ("Fits the portrait to the model (crop/pad/stretch; RGBA and grayscale handled), encodes "
-                   "it with the VAE and computes the ID-Sink once: the identity anchor every chunk of the "
-                   "stream attends to, however long it runs.")
+    DESCRIPTION = ("Frames the portrait for the model (face: find the face and frame it as the training faces "
+                   "are; or center/pad/stretch; RGBA and grayscale handled), encodes it with the VAE and computes "
+                   "the ID-Sink once: the identity anchor every chunk of the stream attends to, however long it "
+                   "runs. Says (in the sampler's report) where the face was found and whether the portrait is far "
+                   "from what the model was trained on.")
     CATEGORY = "REST"
     RETURN_TYPES = (CACHE, "IMAGE")
     RETURN_NAMES = ("cache", "portrait")
@@ -56,21 +59,28 @@ class RESTIDContextCache:
                                        "Latent frames of recent K/V kept in the rolling Context-Cache "
                                        "(temporal coherence). Memory stays constant whatever the video length; "
                                        "0 keeps only the ID-Sink."}),
-            "crop": (list(CROP_MODES), {"default": "center", "tooltip":
-                                        "How a non-square portrait becomes the model's square: center = crop "
-                                        "the middle, pad = letterbox on white, stretch = resize as is."}),
+            "crop": (list(CROP_MODES), {"default": "face", "tooltip":
+                                        "How the portrait becomes the model's square: face = find the face and "
+                                        "frame it as the training faces are (no face found: center, and the "
+                                        "report says so), center = crop the middle, pad = letterbox on white, "
+                                        "stretch = resize as is."}),
         }, "optional": {
             "mask": ("MASK", {"tooltip": "Load Image's MASK output: transparent areas become white."}),
         }}
 
-    def build(self, image, vae, dit, context_frames=4, crop="center", mask=None):
+    def build(self, image, vae, dit, context_frames=4, crop="face", mask=None):
         check_pair(vae, dit)
-        original = portrait_chw(image, mask)  # a new tensor: the IMAGE input is never changed
-        portrait = fit_portrait(original, dit.cfg.resolution, crop)
+        original = to_rgb(portrait_chw(image, mask)).clamp(0, 1)  # a new tensor: the IMAGE input is never changed
+        portrait, framing = frame_portrait(original, dit.cfg.resolution, crop)
         vae_m, dit_m = managed.use(vae, dit)
         with torch.no_grad(), precision_errors(dit.dtype):
             # the VAE encodes on its own device and dtype, the reference latent moves to the DiT's
             sink = dit_m.id_sink(prepare_reference(vae_m, dit_m, portrait))
-        cache = IDSink(sink, context_frames, dit.identity, to_rgb(original).clamp(0, 1))
+            psnr, warning = domain_report(vae_m, portrait)
+        notes = [f"Portrait: {framing.message}.",
+                 f"Warning: {warning}." if warning else f"Portrait: the VAE reconstructs it at {psnr:.1f} dB, in "
+                                                        f"the range of the model's training faces."]
+        log.info("REST ID-Context Cache: %s", " ".join(notes))
+        cache = IDSink(sink, context_frames, dit.identity, original, framing, notes)
         shown = ((portrait + 1) / 2).permute(1, 2, 0)[None].float().cpu()
         return (cache, shown)

@@ -15,7 +15,7 @@ import torch
 
 from ..rest_model import media
 from . import host
-from .decode_chunk import decoded_chunks
+from .decode_chunk import PASTE_BACK_TIP, decoded_chunks, pasted
 from .payloads import CHUNKS, VAE
 
 
@@ -62,29 +62,15 @@ def video_from_file(path: str):
     return VideoFromFile(path)
 
 
-def encode_chunks(vae, chunks, path: str, audio: dict | None = None) -> int:
-    """Decode the chunks and write them to `path` as they come; returns the frame count. An interrupted or
-    failed run leaves no file behind."""
+def encode_chunks(vae, chunks, path: str, audio: dict | None = None, paste_back: bool = False) -> int:
+    """Decode the chunks and encode their frames into `path` as they come (media.atomic_video: the file
+    appears only when complete, an interrupted run leaves nothing); returns the frame count."""
     wave = sr = None
     if audio is not None:
         wave, sr = audio["waveform"][0], int(audio["sample_rate"])  # [C, S] of the one clip
-    writer = None
-    try:
-        with torch.no_grad():
-            for frames in decoded_chunks(vae, chunks):
-                if writer is None:
-                    writer = media.VideoWriter(path, chunks.fps, frames.shape[-1], frames.shape[-2], wave, sr)
-                writer.write(media.to_uint8(frames))
-        writer.close()
-    except BaseException:
-        if writer is not None:
-            try:
-                writer.container.close()
-            except Exception:  # noqa: BLE001  (already failing: the file is removed either way)
-                pass
-        if os.path.exists(path):
-            os.remove(path)
-        raise
+    with torch.no_grad(), media.atomic_video(path, chunks.fps, wave, sr) as writer:
+        for frames in decoded_chunks(vae, chunks):
+            writer.write(pasted(frames, chunks, even=True) if paste_back else frames)
     return writer.frames
 
 
@@ -108,10 +94,12 @@ class RESTStreamToVideo:
         }, "optional": {
             "audio": ("AUDIO", {"tooltip": "The original speech (e.g. Load Audio's output): the video's sound "
                                            "track. Without it the video is silent."}),
+            "paste_back": ("BOOLEAN", {"default": False, "tooltip": PASTE_BACK_TIP + " An odd last row or column "
+                                       "of the portrait is left out (H.264 needs even sides)."}),
         }}
 
-    def encode(self, vae, chunks, audio=None):
+    def encode(self, vae, chunks, audio=None, paste_back=False):
         path = os.path.join(host.temp_dir(), f"rest_talking_head_{uuid.uuid4().hex[:12]}.mp4")
-        n = encode_chunks(vae, chunks, path, audio)
+        n = encode_chunks(vae, chunks, path, audio, paste_back)
         host.log.info("REST Stream To Video: %d frames -> %s", n, path)
         return (video_from_file(path), n)

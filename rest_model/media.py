@@ -163,7 +163,7 @@ def audio_track(audio: torch.Tensor, sample_rate: int) -> tuple[np.ndarray, str]
     """
     wave = audio if audio.ndim == 2 else audio.reshape(1, -1)
     wave = np.ascontiguousarray(wave.detach().float().cpu().numpy())
-    if not np.isfinite(wave).all():
+    if not np.isfinite(wave.sum(dtype=np.float64)):  # NaN/inf propagate; no temporary the size of the track
         raise InputError("audio contains NaN or infinite samples")
     if wave.shape[0] > 2:
         name = DEFAULT_LAYOUTS.get(wave.shape[0])
@@ -174,7 +174,7 @@ def audio_track(audio: torch.Tensor, sample_rate: int) -> tuple[np.ndarray, str]
             frame.sample_rate = sample_rate
             resampler = av.AudioResampler(format="fltp", layout="stereo", rate=sample_rate)
             wave = np.concatenate([f.to_ndarray() for f in resampler.resample(frame) + resampler.resample(None)], 1)
-    peak = float(np.abs(wave).max()) if wave.size else 0.0
+    peak = max(float(wave.max()), -float(wave.min())) if wave.size else 0.0
     if peak > 1.0:
         wave = wave / peak
     return np.ascontiguousarray(wave, dtype=np.float32), "stereo" if wave.shape[0] == 2 else "mono"

@@ -222,6 +222,8 @@ def to_api_prompt(wf: dict, defs: dict, overrides: dict | None = None) -> dict:
             continue
         values, inputs = list(node.get("widgets_values", [])), {}
         for name, _, extra in widget_slots(defs[node["type"]]):
+            if not values:  # a workflow saved before this input existed: the node's default applies
+                break
             inputs[name] = values.pop(0)
             del values[:extra]
         for inp in node.get("inputs", []):

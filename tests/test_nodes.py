@@ -142,9 +142,9 @@ def latents(chunks):
     return torch.cat(chunks.latents, 2)
 
 
-def portrait_of(img, dit, crop="center"):
+def portrait_of(img, dit, crop="face"):
     """What the ID-Context Cache node makes of an IMAGE: the model-resolution portrait in [-1, 1]."""
-    return rm("media").fit_portrait(img[0].permute(2, 0, 1), dit.cfg.resolution, crop)
+    return rm("framing").frame_portrait(img[0].permute(2, 0, 1), dit.cfg.resolution, crop)[0]
 
 
 # -- definitions -------------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def test_loaders_list_only_their_kind_demo_first_and_honour_dtype(env):
     assert "REST VAE" in info and "trained on" in info and "tiny_vae.safetensors" in info
     dit, info = run("RESTLoadCausalDiT", dit_name="tiny_dit.safetensors", device="cpu")
     assert next(dit.module.parameters()).dtype == torch.float32 and next(dit.module.parameters()).device.type == "cpu"
-    assert "causal DiT, 32x32 at 25 fps" in info
+    assert "causal DiT" in info and "32x32 at 25 fps" in info and "trained on" in info
 
 
 def test_loader_lists_follow_a_file_that_changes_kind(env):
@@ -542,6 +542,7 @@ def test_each_chunk_is_decoded_once_and_the_preview_is_a_small_extra(loaded, com
                         lambda self, z, state: calls.append((z.shape[2], state is None)) or real(self, z, state))
     rest_audio, n, _, _ = run("RESTAudioEncode", audio=speech(2.0), dit=dit)  # 50 frames: 7 chunks of 8
     cache, _ = run("RESTIDContextCache", image=image(), vae=vae, dit=dit)
+    calls.clear()  # (the cache node's domain check reconstructs the portrait once)
     chunks, report = run("RESTStreamingSampler", dit=dit, cache=cache, audio=rest_audio, vae=vae, preview=True)
     assert len(chunks) == 7
     previews = [i for i, u in enumerate(comfy.bars[-1].updates) if u[2] is not None]
@@ -766,3 +767,34 @@ def test_models_are_registered_with_comfyui_and_loaded_before_each_use(env, mode
     V, D = vae.module, dit.module
     # whole loads (our layers are not comfy.ops, a partial lowvram load would strand weights on the CPU)
     assert model_management.loads == [([V, D], True), ([D, V], True), ([V], True), ([V], True), ([D], True)]
+
+
+# -- framing: face crop, paste-back, plain-words report ----------------------------------------------------------
+def test_paste_back_returns_the_portrait_at_its_own_size_untouched_outside_the_face(loaded, tmp_path, monkeypatch):
+    vae, dit = loaded
+    monkeypatch.setattr(importlib.import_module(f"{PACK}.nodes.host"), "temp_dir", lambda: str(tmp_path))
+    img = image(h=41, w=57)  # odd sides: the video leaves the last row and column out
+    rest_audio, *_ = run("RESTAudioEncode", audio=speech(0.3), dit=dit)
+    cache, _ = run("RESTIDContextCache", image=img, vae=vae, dit=dit, crop="center")
+    chunks, _ = run("RESTStreamingSampler", dit=dit, cache=cache, audio=rest_audio, preview=False)
+    square, = run("RESTDecodeChunk", vae=vae, chunks=chunks)
+    full, = run("RESTDecodeChunk", vae=vae, chunks=chunks, paste_back=True)
+    assert square.shape == (8, 32, 32, 3) and full.shape == (8, 41, 57, 3)
+    left, top, right, bottom = cache.framing.box  # the centre square: 41x41 at (8, 0)
+    assert (left, top, right, bottom) == (8, 0, 49, 41)
+    outside = torch.ones(41, 57, dtype=torch.bool)
+    outside[:, left:right] = False
+    assert torch.allclose(full[:, outside], img[0][outside].expand(8, -1, -1), atol=1e-6)  # the original, exactly
+    assert not torch.allclose(full[:, :, left + 10:right - 10], img[:, :, left + 10:right - 10], atol=0.05)
+    video, n = run("RESTStreamToVideo", vae=vae, chunks=chunks, paste_back=True)
+    assert video.get_dimensions() == (56, 40) and n == 8
+
+
+def test_the_sampler_report_says_how_the_portrait_was_framed_and_if_it_is_out_of_domain(loaded):
+    vae, dit = loaded
+    rest_audio, *_ = run("RESTAudioEncode", audio=speech(0.3), dit=dit)
+    noise = image(h=48, w=48)  # no face, and nothing like what any VAE was trained on
+    cache, _ = run("RESTIDContextCache", image=noise, vae=vae, dit=dit, crop="face")
+    _, report = run("RESTStreamingSampler", dit=dit, cache=cache, audio=rest_audio, preview=False)
+    assert "Portrait: no face found: centered crop 48x48 at (0, 0)." in report
+    assert "Warning: this portrait is far from what the model was trained on" in report
