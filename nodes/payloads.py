@@ -69,7 +69,7 @@ class LatentChunks:
     time, so an hour of video holds the same memory as a minute.
     """
 
-    def __init__(self, fps: int, dit_cfg: DiTConfig, budget_bytes: int = 64 * 2 ** 20,
+    def __init__(self, fps: int, dit_cfg: DiTConfig, budget_bytes: int = 16 * 2 ** 20,
                  spill_dir: str | None = None, original: torch.Tensor | None = None, framing=None):
         self.fps, self.dit_cfg = fps, dit_cfg
         self.original, self.framing = original, framing  # from the ID-Context Cache, for paste-back
