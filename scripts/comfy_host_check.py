@@ -283,8 +283,8 @@ def link_pack(comfy: Path) -> Path:
     return link
 
 
-def write_inputs(input_dir: Path, seconds: float, long_seconds: float) -> dict:
-    """An RGBA, non-square portrait and synthetic speech (syllables with pauses, stereo 44.1 kHz)."""
+def write_inputs(input_dir: Path, seconds: float, long_seconds: float, rate: int = 44100, channels: int = 2) -> dict:
+    """An RGBA, non-square portrait and synthetic speech (syllables with pauses; stereo 44.1 kHz by default)."""
     import wave
 
     import numpy as np
@@ -298,15 +298,15 @@ def write_inputs(input_dir: Path, seconds: float, long_seconds: float) -> dict:
     d.ellipse((120, 250, 180, 275), fill=(150, 60, 60, 255))
     im.save(input_dir / "rest_check_portrait.png")
 
-    def speech(path, secs, sr=44100):
+    def speech(path, secs, sr=rate):
         t = np.arange(int(secs * sr)) / sr
         f0 = 120 + 20 * np.sin(2 * np.pi * 0.5 * t)
         voice = sum(np.sin(2 * np.pi * h * np.cumsum(f0) / sr) / h for h in range(1, 8))
         syllables = np.clip(np.sin(2 * np.pi * 4 * t), 0, None) * (np.sin(2 * np.pi * 0.3 * t) > -0.5)
         x = (0.3 * voice * syllables).astype(np.float32)
-        pcm = (np.stack([x, 0.9 * x], 1).clip(-1, 1) * 32767).astype("<i2")
+        pcm = (np.stack([x, 0.9 * x][:channels], 1).clip(-1, 1) * 32767).astype("<i2")
         with wave.open(str(path), "wb") as w:
-            w.setnchannels(2), w.setsampwidth(2), w.setframerate(sr), w.writeframes(pcm.tobytes())
+            w.setnchannels(channels), w.setsampwidth(2), w.setframerate(sr), w.writeframes(pcm.tobytes())
 
     speech(input_dir / "rest_check_speech.wav", seconds)
     speech(input_dir / "rest_check_speech_long.wav", long_seconds)
@@ -389,7 +389,7 @@ def host_check(args) -> dict:
     comfy = Path(args.comfy).resolve()
     summary = {"comfyui": str(comfy), "ok": False}
     summary["pack_dir"] = str(link_pack(comfy))
-    inputs = write_inputs(comfy / "input", args.seconds, args.long_seconds)
+    inputs = write_inputs(comfy / "input", args.seconds, args.long_seconds, args.speech_rate, args.speech_channels)
     overrides = {("LoadImage", "image"): inputs["portrait"],
                  ("LoadAudio", "audio"): lambda node: inputs["long" if "long" in str(node["widgets_values"][0])
                                                             else "speech"][0]}
@@ -491,6 +491,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="run only the workflows whose name contains this")
     ap.add_argument("--seconds", type=float, default=2.0, help="speech length for the short workflows")
     ap.add_argument("--long-seconds", type=float, default=20.0, help="speech length for the long-audio workflow")
+    ap.add_argument("--speech-rate", type=int, default=44100, help="sample rate of the test speech")
+    ap.add_argument("--speech-channels", type=int, choices=(1, 2), default=2, help="channels of the test speech")
     ap.add_argument("--start-timeout", type=float, default=300)
     ap.add_argument("--run-timeout", type=float, default=900)
     ap.add_argument("--report", help="also write the JSON summary here")

@@ -459,6 +459,12 @@ def test_sampler_reuses_the_id_sink_the_cache_node_computed(loaded, monkeypatch)
                                        decode=False)]
     assert calls == [1]
     torch.testing.assert_close(latents(out), torch.cat(direct, 2), atol=1e-5, rtol=1e-5)
+    # the node feeds the speech in one-second pieces (a bounded audio buffer): bit-identical to the whole track
+    whole = [c.latent for c in stream(None, dit.module, None, AudioSource.whole(rest_audio.waveform,
+                                                                                 rest_audio.sample_rate),
+                                      StreamConfig(chunk_frames=2, context_frames=3, steps=2), seed=4, decode=False,
+                                      id_sink=cache.sink)]
+    assert torch.equal(latents(out), torch.cat(whole, 2))
 
 
 # -- sockets: one value each, nothing mutated, nothing decoded twice ---------------------------------------------
