@@ -17,7 +17,7 @@ from .payloads import CACHE, DIT, VAE, IDSink
 
 
 def portrait_chw(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """ComfyUI IMAGE [N, H, W, C] (C = 1..4) [+ MASK, 1 = transparent] -> [C, H, W] for fit_portrait."""
+    """ComfyUI IMAGE [N, H, W, C] (C = 1..4) [+ MASK, 1 = transparent] -> [C, H, W] for frame_portrait."""
     if image.ndim == 3:
         image = image[None]
     if image.ndim != 4 or image.shape[0] == 0:
