@@ -1,7 +1,8 @@
 """ComfyUI entry point of the REST talking-heads node pack (classic node API)."""
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from .nodes.host import register_model_folder
+from .nodes.host import install_template_inputs, register_model_folder
 
 register_model_folder()  # models/rest/ exists in ComfyUI's model folders before any loader lists it
+install_template_inputs()  # the portrait and speech the shipped templates name, in input/ if absent
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,9 +1,14 @@
-"""The REST node pack: six thin ComfyUI nodes over rest_model (classic node API, category REST)."""
+"""The REST node pack: seven thin ComfyUI nodes over rest_model (classic node API, category REST).
+
+The keys are the ones saved in users' workflows: they never change. A node whose inputs changed keeps
+its key and accepts what old workflows send (new inputs are optional).
+"""
 from .audio_encode import RESTAudioEncode
 from .decode_chunk import RESTDecodeChunk
-from .id_context_cache import RESTIDContextCache
 from .loaders import LoadCausalDiT, LoadRESTVAE
+from .reference import RESTIDContextCache
 from .streaming_sampler import RESTStreamingSampler
+from .video_output import RESTStreamToVideo
 
 NODE_CLASS_MAPPINGS = {
     "RESTLoadVAE": LoadRESTVAE,
@@ -12,6 +17,7 @@ NODE_CLASS_MAPPINGS = {
     "RESTIDContextCache": RESTIDContextCache,
     "RESTStreamingSampler": RESTStreamingSampler,
     "RESTDecodeChunk": RESTDecodeChunk,
+    "RESTStreamToVideo": RESTStreamToVideo,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -21,4 +27,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "RESTIDContextCache": "ID-Context Cache",
     "RESTStreamingSampler": "Streaming Sampler",
     "RESTDecodeChunk": "Decode Chunk",
+    "RESTStreamToVideo": "Stream To Video",
 }

@@ -31,7 +31,7 @@ class RESTAudioEncode:
 
     def encode(self, audio, dit):
         wave, sr = audio["waveform"].cpu(), int(audio["sample_rate"])
-        enc, fps = dit.audio_encoder, dit.cfg.fps
+        enc, fps = dit.module.audio_encoder, dit.cfg.fps  # its rate only: nothing runs here
         mono = prepare_audio(wave, sr, enc.sample_rate)  # raises ValueError for empty / NaN / batched audio
         rest_audio = RestAudio(mono, enc.sample_rate, fps, num_video_frames(wave.shape[-1], sr, fps))
         log.info("REST Audio Encode: %.2f s of speech -> %d frames at %d fps", rest_audio.duration,

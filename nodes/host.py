@@ -1,16 +1,20 @@
 """Everything nodes/ needs from the ComfyUI host, imported lazily so the pack runs (and is tested)
-without ComfyUI: model folders (folder_paths), progress bar with preview, interrupt, default device.
+without ComfyUI: model folders (folder_paths), the input and temp folders, progress bar with preview,
+interrupt, default devices.
 
 Outside ComfyUI the model folders are `$REST_MODELS_DIR` (or the pack's `models/rest/`) and the pack's
-`models/demo/`; progress, preview and interrupt are no-ops.
+`models/demo/`, the temp folder is the system's; progress, preview and interrupt are no-ops.
 """
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import torch
+
+from ..rest_model import checkpoint
 
 log = logging.getLogger("REST")
 
@@ -18,7 +22,12 @@ FOLDER = "rest"  # models/rest/ in ComfyUI, also a key for extra_model_paths.yam
 EXTENSIONS = {".safetensors"}
 PACK_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = PACK_ROOT / "models" / "demo"  # the bundled demo model, listed next to models/rest/
+DEMO_FILES = {"vae": "rest_vae_demo.safetensors", "dit": "rest_dit_demo.safetensors"}
 PREVIEW_SIZE = 512
+# the files the shipped templates name, placed in ComfyUI's input/ on first start (never overwritten)
+TEMPLATE_INPUTS = {"rest_portrait.png": PACK_ROOT / "assets" / "portrait.png",
+                   "rest_speech.wav": PACK_ROOT / "assets" / "speech.wav"}
+LONG_SPEECH, LONG_SPEECH_SECONDS = "rest_speech_long.wav", 60
 
 
 def _folder_paths():
@@ -62,8 +71,7 @@ def model_folders() -> list[str]:
     return fp.get_folder_paths(FOLDER)
 
 
-def list_models() -> list[str]:
-    """Names for the loaders' file pickers (relative to a model folder, as ComfyUI shows them)."""
+def _all_models() -> list[str]:
     fp = _folder_paths()
     if fp is not None:
         register_model_folder()
@@ -73,6 +81,42 @@ def list_models() -> list[str]:
         if d.is_dir():
             names.update(p.relative_to(d).as_posix() for p in d.rglob("*") if p.suffix in EXTENSIONS and p.is_file())
     return sorted(names)
+
+
+_KINDS: dict[str, tuple[float, int, str | None]] = {}  # path -> (mtime, size, kind): headers read once
+
+
+def model_kind(path: str) -> str | None:
+    """'vae' / 'dit' / ... from the file's safetensors header (a few KB read), None if not a REST file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    hit = _KINDS.get(path)
+    if hit is None or hit[:2] != (st.st_mtime, st.st_size):
+        try:
+            kind = checkpoint.read_metadata(path)["kind"]
+        except checkpoint.CheckpointError:
+            kind = None
+        _KINDS[path] = hit = (st.st_mtime, st.st_size, kind)
+    return hit[2]
+
+
+def list_models(kind: str | None = None) -> list[str]:
+    """Names for a loader's file picker (relative to a model folder, as ComfyUI shows them): only the
+    files of `kind`, the bundled demo file first, so a freshly added loader node runs as it is."""
+    names = _all_models()
+    if kind is None:
+        return names
+    found = {}
+    for name in names:
+        try:
+            path = model_path(name)
+        except FileNotFoundError:
+            continue
+        found[name] = model_kind(path)
+    demo = DEMO_FILES.get(kind)
+    return sorted((n for n, k in found.items() if k == kind), key=lambda n: (n != demo, n.lower()))
 
 
 def model_path(name: str) -> str:
@@ -87,6 +131,88 @@ def model_path(name: str) -> str:
         raise FileNotFoundError(f"REST model file {name!r} not found in {model_folders()}. Put the .safetensors "
                                 f"file in ComfyUI's models/{FOLDER}/ folder (see the README), then refresh.")
     return path
+
+
+def offload_device(load_device: torch.device, kind: str) -> torch.device:
+    """Where ComfyUI parks a model it is not using (the CPU, unless --highvram / --gpu-only)."""
+    try:
+        import comfy.model_management as mm
+        return mm.unet_offload_device() if kind == "dit" else mm.vae_offload_device()
+    except (ImportError, AttributeError):
+        return load_device
+
+
+def temp_dir() -> str:
+    """ComfyUI's temp folder (emptied at each start), or the system's outside ComfyUI."""
+    fp = _folder_paths()
+    if fp is not None and hasattr(fp, "get_temp_directory"):
+        path = fp.get_temp_directory()
+    else:
+        path = os.path.join(tempfile.gettempdir(), "rest_node_pack")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def install_template_inputs(input_dir: str | os.PathLike | None = None) -> list[str]:
+    """Copy the files the shipped templates name into ComfyUI's input/ folder, each only if absent (a user's
+    file of the same name is never touched), and make the long speech by tiling the bundled one. Returns the
+    names written. Called once when ComfyUI imports the pack; a failure is logged, never fatal."""
+    if input_dir is None:
+        fp = _folder_paths()
+        if fp is None or not hasattr(fp, "get_input_directory"):
+            return []
+        input_dir = fp.get_input_directory()
+    written = []
+    try:
+        os.makedirs(input_dir, exist_ok=True)
+        for name, source in TEMPLATE_INPUTS.items():
+            if _write_new(Path(input_dir) / name, lambda tmp, src=source: tmp.write_bytes(src.read_bytes())):
+                written.append(name)
+        if _write_new(Path(input_dir) / LONG_SPEECH, lambda tmp: tile_speech(
+                TEMPLATE_INPUTS["rest_speech.wav"], tmp, LONG_SPEECH_SECONDS)):
+            written.append(LONG_SPEECH)
+    except (OSError, ValueError) as e:
+        log.warning("REST: could not place the template inputs in %s: %s", input_dir, e)
+    if written:
+        log.info("REST: placed %s in %s for the shipped templates", ", ".join(written), input_dir)
+    return written
+
+
+def tile_speech(source: Path, target: Path, seconds: float) -> None:
+    """A long speech track for the long-audio template: the bundled speech repeated to `seconds`, written
+    as 16-bit wav (about 2 MB a minute at 16 kHz mono) rather than shipped in git."""
+    import av
+    import numpy as np
+
+    from ..rest_model import media
+    wave, sr = media.load_audio(source)
+    reps = -(-int(seconds * sr) // wave.shape[-1])
+    pcm = (wave.repeat(1, reps)[:, :int(seconds * sr)].clamp(-1, 1) * 32767).round().short().numpy()
+    layout = "mono" if pcm.shape[0] == 1 else "stereo"
+    with av.open(str(target), "w", format="wav") as out:
+        stream = out.add_stream("pcm_s16le", rate=sr, layout=layout)
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[:2].T.reshape(1, -1)), format="s16", layout=layout)
+        frame.sample_rate = sr
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+
+
+def _write_new(target: Path, write) -> bool:
+    """Write `target` through a temp name beside it, only if it does not exist yet (no partial file left)."""
+    if target.exists():
+        return False
+    tmp = target.with_name(f".{target.stem}.partial{target.suffix}")
+    try:
+        write(tmp)
+        try:
+            os.link(tmp, target)  # fails if the name appeared meanwhile: a user's file always wins
+        except FileExistsError:
+            return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
 
 
 def torch_device(choice: str) -> torch.device:

@@ -1,4 +1,4 @@
-"""Load REST VAE / Load Causal DiT: a file from models/rest/ -> a rest_model module."""
+"""Load REST VAE / Load Causal DiT: a file from models/rest/ -> a RestModel under ComfyUI's model management."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -8,7 +8,8 @@ import torch
 from ..rest_model import checkpoint
 from ..rest_model.config import check_compatible
 from . import host
-from .payloads import DIT, VAE, placement, source
+from .managed import RestModel
+from .payloads import DIT, VAE
 
 DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 DTYPE_TIP = ("Weights' precision. auto = float32, which runs everywhere; bfloat16/float16 halve memory "
@@ -19,64 +20,74 @@ def _dtype(choice: str):
     return getattr(torch, DTYPES[choice] or "float32")
 
 
-def check_pair(vae, dit) -> None:
+def check_pair(vae: RestModel, dit: RestModel) -> None:
     """Refuse a DiT built for another latent layout than the VAE's, naming both files."""
     try:
         check_compatible(vae.cfg, dit.cfg)
     except ValueError as e:
-        raise checkpoint.CheckpointError(f"{source(dit)} does not fit the VAE {source(vae)}: {e}") from None
+        raise checkpoint.CheckpointError(f"{dit.file} does not fit the VAE {vae.file}: {e}") from None
 
 
 @contextmanager
-def precision_errors(dit):
+def precision_errors(dtype: torch.dtype):
     """Turn rest_model's dtype-mismatch crash under half precision into advice the user can act on."""
     try:
         yield
     except RuntimeError as e:
-        dtype = placement(dit)[1]
         if "dtype" in str(e) and dtype != torch.float32:
             raise RuntimeError(f"the REST model failed in {str(dtype).replace('torch.', '')} ({e}); load the VAE and "
                                f"DiT with dtype float32 (or auto)") from e
         raise
 
 
+def _load(name: str, kind: str, device: torch.device, dtype: str) -> tuple[RestModel, str]:
+    path = host.model_path(name)
+    offload = host.offload_device(device, kind)
+    module = checkpoint.load(path, kind, offload, _dtype(dtype))  # parked; `managed.use` brings it to `device`
+    info = checkpoint.describe(path)  # from the header: kind, size, what it was trained on
+    host.log.info("REST: loaded %s", info)
+    return RestModel(module, path, device, offload), info
+
+
 class LoadRESTVAE:
-    DESCRIPTION = "Loads a REST causal spatiotemporal VAE (.safetensors) from models/rest/."
+    DESCRIPTION = ("Loads a REST causal spatiotemporal VAE (.safetensors) from models/rest/. Lists only VAE "
+                   "files, the bundled demo first; ComfyUI's model management loads and unloads it.")
     CATEGORY = "REST"
-    RETURN_TYPES = (VAE,)
-    RETURN_NAMES = ("vae",)
-    OUTPUT_TOOLTIPS = ("The VAE: encodes the portrait, decodes latent chunks to frames.",)
+    RETURN_TYPES = (VAE, "STRING")
+    RETURN_NAMES = ("vae", "info")
+    OUTPUT_TOOLTIPS = ("The VAE: encodes the portrait, decodes latent chunks to frames.",
+                       "What the file is and what it was trained on (from its metadata).")
     FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae_name": (host.list_models(), {"tooltip": "A REST VAE file in models/rest/ "
-                                                         "(e.g. rest_vae_demo.safetensors)."}),
+            "vae_name": (host.list_models("vae"), {"tooltip": "A REST VAE file in models/rest/ (only VAE files are "
+                                                              "listed; rest_vae_demo.safetensors is bundled)."}),
             "dtype": (list(DTYPES), {"default": "auto", "tooltip": DTYPE_TIP}),
         }}
 
     def load(self, vae_name, dtype="auto"):
-        path = host.model_path(vae_name)
-        vae = checkpoint.load_vae(path, host.torch_device("auto"), _dtype(dtype))
-        vae.rest_file = path
-        return (vae,)
+        return _load(vae_name, "vae", host.torch_device("auto"), dtype)
 
 
 class LoadCausalDiT:
-    DESCRIPTION = ("Loads a REST causal DiT (.safetensors, with its audio encoder) from models/rest/. "
-                   "Given the VAE, refuses a DiT trained for another latent layout.")
+    DESCRIPTION = ("Loads a REST causal DiT (.safetensors, with its audio encoder) from models/rest/. Lists only "
+                   "DiT files, the bundled demo first. Given the VAE, refuses a DiT trained for another latent "
+                   "layout.")
     CATEGORY = "REST"
-    RETURN_TYPES = (DIT,)
-    RETURN_NAMES = ("dit",)
-    OUTPUT_TOOLTIPS = ("The causal DiT that generates latent chunks, and the audio encoder it owns.",)
+    RETURN_TYPES = (DIT, "STRING")
+    RETURN_NAMES = ("dit", "info")
+    OUTPUT_TOOLTIPS = ("The causal DiT that generates latent chunks, and the audio encoder it owns.",
+                       "What the file is and what it was trained on (from its metadata).")
     FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "dit_name": (host.list_models(), {"tooltip": "A REST causal DiT file in models/rest/ "
-                                                         "(e.g. rest_dit_demo.safetensors)."}),
+            "dit_name": (host.list_models("dit"), {"tooltip": "A REST causal DiT file in models/rest/ (only DiT "
+                                                              "files are listed; rest_dit_demo.safetensors is "
+                                                              "bundled)."}),
             "dtype": (list(DTYPES), {"default": "auto", "tooltip": DTYPE_TIP}),
             "device": (["auto", "cpu", "cuda"], {"default": "auto", "tooltip": "Where the DiT runs. auto = "
                                                  "ComfyUI's device (the GPU, or the CPU under --cpu)."}),
@@ -86,9 +97,7 @@ class LoadCausalDiT:
         }}
 
     def load(self, dit_name, dtype="auto", device="auto", vae=None):
-        path = host.model_path(dit_name)
-        dit = checkpoint.load_dit(path, host.torch_device(device), _dtype(dtype))
-        dit.rest_file = path
+        dit, info = _load(dit_name, "dit", host.torch_device(device), dtype)
         if vae is not None:
             check_pair(vae, dit)
-        return (dit,)
+        return (dit, info)

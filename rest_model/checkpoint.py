@@ -4,14 +4,17 @@ its full config as JSON, so a loader needs nothing but the file. Never unpickles
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 from .config import DiTConfig, VAEConfig, check_compatible, from_json, to_json
 from .dit import CausalDiT
+from .errors import NonFiniteError
 from .vae import CausalVAE
 
 FORMAT = "rest-node-pack"
@@ -40,14 +43,21 @@ def kind_of(module: torch.nn.Module) -> str:
 
 
 def save(module: torch.nn.Module, path: str | os.PathLike, extra: dict | None = None,
-         dtype: torch.dtype | None = None) -> None:
-    """Write weights + {format, format_version, kind, config[, extra]} metadata atomically.
+         dtype: torch.dtype | None = None, trained_on: str | None = None) -> None:
+    """Write weights + {format, format_version, kind, config[, trained_on][, extra]} metadata atomically.
 
     `dtype` stores floating-point weights in another precision (float16 halves a shipped file); the
     loaders cast them back to the module's dtype, so a float16 file runs in float32 on a CPU.
+    `trained_on` says in plain words what data the weights learned from (the training stages write it):
+    a model is only good near its training data, and a user choosing a file should see which that is.
     """
     kind = kind_of(module)
+    for k, v in module.state_dict().items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise NonFiniteError(f"refusing to write {path}: {k} holds NaN/inf weights (a diverged model)")
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": kind, "config": to_json(module.cfg)}
+    if trained_on:
+        meta["trained_on"] = str(trained_on)
     if extra:
         meta["extra"] = json.dumps(extra)
     tensors = {k: v.detach().to(dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous().cpu()
@@ -79,6 +89,24 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
+def describe(path: str | os.PathLike) -> str:
+    """One line about a model file from its header alone (no weights are read): its kind, size and
+    what it was trained on ("not stated" for files written before the field existed)."""
+    meta = read_metadata(path)
+    kind = meta["kind"]
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            shapes = [f.get_slice(k).get_shape() for k in f.keys()]
+        params = sum(math.prod(s) for s in shapes)
+        cfg = json.loads(meta["config"])
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: header unreadable: {e}") from None
+    what = f"{NAMES[kind]}, {params / 1e6:.1f} M parameters"
+    if kind == "dit" and isinstance(cfg, dict) and "resolution" in cfg:
+        what += f", {cfg['resolution']}x{cfg['resolution']} at {cfg.get('fps', '?')} fps"
+    return f"{os.path.basename(os.fspath(path))}: {what}; trained on: {meta.get('trained_on') or 'not stated'}"
+
+
 def load(path: str | os.PathLike, kind: str, device="cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Load a checkpoint of the given kind ('vae' or 'dit'), checking that the file matches it."""
     path = os.fspath(path)
@@ -90,26 +118,68 @@ def load(path: str | os.PathLike, kind: str, device="cpu", dtype: torch.dtype | 
     cfg_cls, cls = KINDS[kind]
     try:
         cfg = from_json(cfg_cls, meta["config"])
-        module = cls(cfg)
+        expected = expected_shapes(cls, cfg)
     except (ValueError, TypeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: its config cannot build a {NAMES[kind]}: {e}") from None
+    # the metadata is only a claim: its sizes must match the file's own tensors before anything is
+    # allocated, or a tiny file claiming a huge model is a memory bomb
+    _check_shapes(path, expected, file_shapes(path))
+    module = cls(cfg)
     try:
         with safe_open(path, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {}
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+                check_finite(path, k, tensors[k])
     except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(f"{path}: weights cannot be read (truncated or corrupt?): {e}") from None
-    _check_weights(path, module, tensors)
     module.load_state_dict(tensors)
     module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
     return module.eval().requires_grad_(False)
 
 
-def _check_weights(path, module, tensors):
-    want = module.state_dict()
-    missing = sorted(set(want) - set(tensors))
-    unexpected = sorted(set(tensors) - set(want))
-    shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
-              if k in tensors and tensors[k].shape != v.shape]
+class _MetaBools(TorchFunctionMode):
+    """Answers `bool(meta tensor)` with False. torchaudio's mel filterbank warns `if (fb.max(0).values ==
+    0).any()` while it is built, which a meta tensor cannot answer; the check changes no shape."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__bool__ and args[0].is_meta:
+            return False
+        return func(*args, **(kwargs or {}))
+
+
+def expected_shapes(cls: type, cfg) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes a module of `cfg` has, from a build on the meta device: no memory, however
+    large the config claims to be."""
+    with torch.device("meta"), _MetaBools():
+        module = cls(cfg)
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def file_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a .safetensors header alone (no tensor is read)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: weights cannot be read (truncated or corrupt?): {e}") from None
+
+
+def check_finite(path, name: str, tensor: torch.Tensor) -> None:
+    """Refuse NaN/inf weights (a diverged training run), naming the first bad tensor."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"{path}: tensor {name} holds {bad} NaN/infinite value(s) of {tensor.numel()}: "
+                              f"the model diverged in training or the file is damaged")
+
+
+def _check_shapes(path, want: dict[str, tuple], have: dict[str, tuple]) -> None:
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    shapes = [f"{k} {have[k]} in the file vs {v} by the config" for k, v in want.items()
+              if k in have and have[k] != v]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing (e.g. {missing[:3]})")

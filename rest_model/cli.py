@@ -4,6 +4,21 @@ init-student | distill | train-sync | eval`.
 `generate` and `export` are the inference core's own and live here. The other sub-commands belong to
 the wings (data/, train/, eval/): `rest_model/__main__.py` imports them and hands their `register`
 functions to `main`, so the core never imports a wing.
+
+Errors come out as one line naming the file or flag at fault, and one exit code per kind of error
+(rest_model/errors.py, docs/cli.md):
+
+    0    success
+    1    internal error: a bug (traceback printed)
+    2    bad input or usage: a flag's value, a missing/unreadable/corrupt input file (portrait, audio, model,
+         training snapshot, dataset clip), an output path that cannot be a video (unsupported extension,
+         a folder in its place, its parent a file)
+    3    the system refused: output not writable (read-only, permission, disk full), device not there
+         (--device cuda without a GPU)
+    4    numerical failure: NaN or infinity in a generated chunk or a training step
+    130  interrupted (Ctrl-C); 143 terminated (SIGTERM). The output is written to a hidden temporary file
+         and renamed when complete, so an interrupted run leaves an earlier file untouched and no debris
+         (after SIGKILL, which cannot be caught, only the temporary `.NAME.XXXX.part` file remains).
 """
 from __future__ import annotations
 
@@ -12,12 +27,14 @@ import dataclasses
 import logging
 import os
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
-from . import checkpoint, media
+from . import checkpoint, errors, framing, media
 from .config import preset
 from .dit import CausalDiT
 from .streamer import AudioSource, stream
@@ -45,29 +62,48 @@ def _models(args):
     vae_path, dit_path = args.vae or DEMO_VAE, args.dit or DEMO_DIT
     for p in (vae_path, dit_path):
         if not Path(p).is_file():
-            raise SystemExit(f"error: model file {p} not found. Pass --vae/--dit, or --random-weights "
-                             f"for an untrained smoke run.")
+            raise FileNotFoundError(f"model file {p} not found. Pass --vae/--dit, or --random-weights "
+                                    f"for an untrained smoke run.")
     return checkpoint.load_pair(vae_path, dit_path, args.device)
 
 
 def _device(flag: str, name: str) -> torch.device:
+    """The device a flag names, refused here (not mid-run) when it is not on this machine."""
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"{flag} {name!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+            raise errors.DeviceError(f"{flag} {name}: no CUDA GPU is available (PyTorch {torch.__version__}, "
+                                     f"{build}); use {flag} cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise errors.DeviceError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise errors.DeviceError(f"{flag} {name}: Apple MPS is not available here; use {flag} cpu")
+    return device
 
 
 def cmd_generate(args) -> int:
+    media.check_output(args.out, writable=True)  # a bad --out fails now, not after the model has run
     device = _device("--device", args.device)
     decode_device = _device("--decode-device", args.decode_device) if args.decode_device else device
     vae, dit = _models(args)
+    if not args.random_weights:
+        print(f"model: {checkpoint.describe(args.vae or DEMO_VAE)}\nmodel: {checkpoint.describe(args.dit or DEMO_DIT)}")
     vae.to(decode_device), dit.to(device)
     try:
         cfg = dataclasses.replace(dit.cfg.stream, **{k: v for k, v in dict(
             steps=args.steps, chunk_frames=args.chunk, context_frames=args.context).items() if v is not None})
     except ValueError as e:
         raise ValueError(f"--steps / --chunk / --context: {e}") from None
-    portrait = media.fit_portrait(media.load_image(args.image), dit.cfg.resolution, args.crop)
+    image = media.load_image(args.image)
+    portrait, framed = framing.frame_portrait(image, dit.cfg.resolution, args.crop)
+    print(f"portrait: {framed.message}")
+    db, warning = framing.domain_report(vae, portrait)
+    print(f"warning: {warning}" if warning else
+          f"portrait: the model's VAE reconstructs it at {db:.1f} dB (in the range of its training faces)")
     wave, sr = media.load_audio(args.audio)
     total = media_frames = None
     t0, first = time.perf_counter(), None
@@ -84,9 +120,18 @@ def cmd_generate(args) -> int:
 
     chunks = stream(vae, dit, portrait, AudioSource.whole(wave, sr), cfg, seed=args.seed, callback=progress,
                     overlap_decode=args.overlap_decode)
-    n = media.write_video(args.out, (c.frames for c in chunks), fps, audio=wave, sample_rate=sr)
+    frames = (c.frames for c in chunks)
+    if args.paste_back:  # H.264 wants even sides: the last odd row/column of the portrait is left out
+        h, w = image.shape[1] // 2 * 2, image.shape[2] // 2 * 2
+        frames = (framing.paste_back(f, image, framed)[:, :, :h, :w] for f in frames)
+    try:
+        with media.atomic_video(args.out, fps, audio=wave, sample_rate=sr) as writer:
+            for batch in frames:
+                writer.write(batch)
+    finally:
+        print(file=sys.stderr)  # end the progress bar's line, before the summary or an error
+    n = writer.frames
     dt = time.perf_counter() - t0
-    print(file=sys.stderr)
     print(f"wrote {args.out}: {n} frames at {fps} fps ({n / fps:.2f} s), generated in {dt:.2f} s "
           f"({n / dt:.1f} fps, first frame after {first or 0:.2f} s)")
     return 0
@@ -95,7 +140,8 @@ def cmd_generate(args) -> int:
 def cmd_export(args) -> int:
     """Re-save a checkpoint (VAE or DiT) with its weights in another precision, e.g. to ship it."""
     module = checkpoint.load_any(args.input)
-    checkpoint.save(module, args.out, dtype=getattr(torch, args.dtype))
+    checkpoint.save(module, args.out, dtype=getattr(torch, args.dtype),
+                    trained_on=checkpoint.read_metadata(args.input).get("trained_on"))
     print(f"wrote {args.out} ({checkpoint.read_metadata(args.out)['kind']}, {args.dtype}, "
           f"{os.path.getsize(args.out) / 2**20:.1f} MiB)")
     return 0
@@ -118,7 +164,10 @@ def build_parser(wings=()) -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, help="Euler steps per chunk (default: the model's)")
     g.add_argument("--chunk", type=int, help="latent frames per chunk (default: the model's)")
     g.add_argument("--context", type=int, help="latent frames in the Context-Cache (default: the model's)")
-    g.add_argument("--crop", default="center", choices=media.CROP_MODES)
+    g.add_argument("--crop", default="face", choices=framing.CROP_MODES, help="face: find the face and frame it "
+                   "as the training faces are (centre crop if none is found); center/pad/stretch: the whole picture")
+    g.add_argument("--paste-back", action="store_true", help="write the video at the portrait's own resolution: "
+                   "each generated frame composited into the portrait where the face was taken from")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--overlap-decode", action="store_true", help="decode each chunk with the VAE on a worker "
                    "while the DiT makes the next one (more throughput, one chunk more latency, same frames)")
@@ -136,12 +185,40 @@ def build_parser(wings=()) -> argparse.ArgumentParser:
 
 
 def main(argv=None, wings=()) -> int:
+    """Run a command; errors become one message and the exit code of their kind (module docstring)."""
     args = build_parser(wings).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if getattr(args, "out", None):
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if threading.current_thread() is threading.main_thread():
+        errors.raise_on_sigterm()  # SIGTERM cleans up like Ctrl-C instead of killing mid-write
     try:
+        for flag in ("device", "decode_device"):
+            if getattr(args, flag, None):
+                _device("--" + flag.replace("_", "-"), getattr(args, flag))
+        if getattr(args, "out", None):
+            parent = os.path.dirname(os.path.abspath(args.out))
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise errors.OutputPathError(f"--out {args.out}: a file stands where its folder {parent} "
+                                             f"should be") from None
+            except OSError as e:
+                raise errors.WriteError(f"--out {args.out}: cannot create the folder {parent}: {e.strerror}",
+                                        e.errno) from None
         return args.fn(args)
-    except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
+    except Exception as e:  # noqa: BLE001 - every error leaves as a message and its kind's exit code
+        return _report(e)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the atomic writers have already cleaned up
+        print(f"\ninterrupted ({'SIGTERM' if isinstance(e, errors.Terminated) else 'Ctrl-C'}); an output "
+              f"being written was discarded", file=sys.stderr)
+        return errors.exit_code(e)
+
+
+def _report(e: Exception) -> int:
+    code = errors.exit_code(e)
+    if code == errors.INTERNAL:
+        traceback.print_exc()
+        print(f"internal error (a bug, please report it with the traceback above): {type(e).__name__}: {e}",
+              file=sys.stderr)
+    else:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+    return code

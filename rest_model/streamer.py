@@ -30,6 +30,7 @@ import torch
 from .audio import StreamingResampler, check_waveform, chunk_lookahead_frames
 from .config import StreamConfig, check_compatible
 from .dit import CausalDiT, audio_windows
+from .errors import NonFiniteError
 from .id_context_cache import IDContextCache, LayerKV
 from .sampler import flow_schedule, sample_euler
 from .vae import CausalVAE
@@ -93,9 +94,27 @@ def commit_chunk(dit: CausalDiT, cache: IDContextCache, x0: torch.Tensor, audio:
     cache.append(dit.chunk(x0, torch.zeros(b, k, device=x0.device), audio, cache)[1], k)
 
 
+# torch's CPU generator (mt19937) keeps only the low 32 bits of its seed; a seed >= 2^63 flips them with this
+HIGH_SEED_MIX = 0x9E3779B9
+
+
+def noise_seed(seed: int, index: int) -> int:
+    """The generator seed of chunk `index` of a stream of `seed` (0 <= seed < 2^64, the nodes' range).
+
+    Seeds below 2^63 keep their original formula, so their videos stay bit-identical. For s >= 2^63 that
+    formula gives exactly what s - 2^63 gives (2^63 * 1_000_003 vanishes modulo 2^63): it is XORed with a
+    constant whose low 32 bits are non-zero, the bits the generator actually keeps, so s and s - 2^63
+    never share noise.
+    """
+    if not -2 ** 63 <= seed < 2 ** 64:
+        raise ValueError(f"seed must be in [0, 2^64 - 1], got {seed}")
+    base = (seed * 1_000_003 + index) % (2 ** 63)
+    return base if seed < 2 ** 63 else (base ^ HIGH_SEED_MIX) | 2 ** 63
+
+
 def chunk_noise(seed: int, index: int, shape, device, dtype) -> torch.Tensor:
     """Noise of chunk `index`: a function of (seed, index) only, so a stream is reproducible piecewise."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + index) % (2 ** 63))
+    g = torch.Generator().manual_seed(noise_seed(seed, index))
     return torch.randn(shape, generator=g).to(device, dtype)
 
 
@@ -141,7 +160,7 @@ def chunk_decoder(vae: CausalVAE, overlap: bool = False):
 
 
 @torch.no_grad()
-def stream(vae: CausalVAE, dit: CausalDiT, portrait: torch.Tensor, audio: AudioSource, cfg: StreamConfig,
+def stream(vae: CausalVAE | None, dit: CausalDiT, portrait: torch.Tensor | None, audio: AudioSource, cfg: StreamConfig,
            seed: int = 0, decode: bool = True, start_frame: int = 0,
            callback: Callable[[Chunk], None] | None = None,
            id_sink: list[LayerKV] | None = None, overlap_decode: bool = False) -> Iterator[Chunk]:
@@ -154,12 +173,17 @@ def stream(vae: CausalVAE, dit: CausalDiT, portrait: torch.Tensor, audio: AudioS
     computed once per portrait, not once per run; the Context-Cache always starts empty.
     `overlap_decode`: decode chunk j on a worker while the DiT makes chunk j + 1 (throughput for one
     chunk of latency; the frames are the same). The VAE may sit on another device than the DiT.
+    With `decode=False` and an `id_sink`, neither the VAE nor the portrait is needed (None): the stream
+    makes latent chunks only, which whoever holds the VAE decodes (the ComfyUI sampler node).
     """
     d = dit.cfg
     k, tc, a = cfg.chunk_frames, d.temporal_compression, d.audio_context
     p = next(dit.parameters())
     enc = dit.audio_encoder
-    check_compatible(vae.cfg, dit.cfg)
+    if vae is not None:
+        check_compatible(vae.cfg, dit.cfg)
+    elif decode or id_sink is None:
+        raise ValueError("stream needs the VAE to encode the portrait or decode the chunks")
     if id_sink is None:
         id_sink = dit.id_sink(prepare_reference(vae, dit, portrait))
     cache = IDContextCache(id_sink, cfg.context_frames, d.tokens_per_frame, start_frame)
@@ -175,6 +199,9 @@ def stream(vae: CausalVAE, dit: CausalDiT, portrait: torch.Tensor, audio: AudioS
     def hand_out(chunk: Chunk, decoded: Future | None) -> Chunk:
         if decoded is not None:
             frames, decoder_bytes = decoded.result()
+            if not torch.isfinite(frames).all():
+                raise NonFiniteError(f"chunk {chunk.index}: the VAE decoded NaN/infinite frames (video frames from "
+                                     f"{chunk.first_frame}); the VAE's weights are broken: stopped, nothing written")
             chunk.frames, chunk.state_bytes = frames[:chunk.num_frames], chunk.state_bytes + decoder_bytes
         if callback is not None:
             callback(chunk)
@@ -196,6 +223,9 @@ def stream(vae: CausalVAE, dit: CausalDiT, portrait: torch.Tensor, audio: AudioS
             windows = audio_windows(feats, d).to(p.dtype)
             noise = chunk_noise(seed, j, (1, d.latent_channels, k, d.latent_size, d.latent_size), p.device, p.dtype)
             latent = generate_chunk(dit, cache, noise, windows, times)
+            if not torch.isfinite(latent).all():  # a diverged model would otherwise stream a black video
+                raise NonFiniteError(f"chunk {j}: the DiT produced NaN/infinite latents (video frames from {f0}); "
+                                     f"the model's weights are broken: stopped, nothing written")
             timeline.trim(f1 - a * tc - d.audio.context_frames)  # the next chunk reads nothing earlier
             n = min(k * tc, timeline.frames - f0) if timeline.finished else k * tc
             carried = cache.nbytes() + _nbytes([timeline.buf])  # + the decoder's, once decoded

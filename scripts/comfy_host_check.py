@@ -6,14 +6,16 @@
 Given a ComfyUI checkout (Comfy-Org/ComfyUI, installed in its own venv) it:
   1. links this pack into ComfyUI/custom_nodes/ (a symlink, unless the pack is already there);
   2. starts `main.py --cpu --listen 127.0.0.1` (or uses a running server with --url);
-  3. checks the pack imported with no error, /object_info lists the six REST nodes, the core nodes the
+  3. checks the pack imported with no error, /object_info lists the seven REST nodes, the core nodes the
      workflows use match what CI validates against (CORE_NODES below), and /workflow_templates lists
      the shipped workflows;
   4. turns every workflows/*.json (UI format) into an API prompt, POSTs it to /prompt and waits;
-  5. checks each run left an mp4 with a video and an audio stream in ComfyUI/output/.
+  5. checks each run left an mp4 with a video and an audio stream in ComfyUI/output/, and reports the
+     server's peak resident memory (VmHWM), e.g. to compare a 10 s and a 10 min long-audio run.
 With `--models tiny` (default) it writes random tiny-preset checkpoints into models/rest/ (a wiring
 check: the video is noise); `--models workflow` uses the model files the workflows name.
-Test inputs (an RGBA portrait, synthetic speech) are written into ComfyUI/input/ as rest_check_*.
+Test inputs (an RGBA portrait, synthetic speech) are written into ComfyUI/input/ as rest_check_*;
+`--inputs shipped` runs the templates as shipped instead (the files the pack places in input/ on start).
 Talks to loopback only and downloads nothing. Prints a JSON summary; exit 0 = pass or skip.
 
 The workflow helpers (`validate_workflow`, `to_api_prompt`, `pack_object_info`) are also what the CI
@@ -36,7 +38,7 @@ from pathlib import Path
 PACK_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = PACK_ROOT / "workflows"
 PACK_NODES = ("RESTLoadVAE", "RESTLoadCausalDiT", "RESTAudioEncode", "RESTIDContextCache",
-              "RESTStreamingSampler", "RESTDecodeChunk")
+              "RESTStreamingSampler", "RESTDecodeChunk", "RESTStreamToVideo")
 
 # The ComfyUI core nodes the workflows may use, as ComfyUI 0.3.64's /object_info describes them (file
 # lists emptied: they depend on the host's input/ folder). CI validates against this; step 3 of the
@@ -220,6 +222,8 @@ def to_api_prompt(wf: dict, defs: dict, overrides: dict | None = None) -> dict:
             continue
         values, inputs = list(node.get("widgets_values", [])), {}
         for name, _, extra in widget_slots(defs[node["type"]]):
+            if not values:  # a workflow saved before this input existed: the node's default applies
+                break
             inputs[name] = values.pop(0)
             del values[:extra]
         for inp in node.get("inputs", []):
@@ -279,8 +283,8 @@ def link_pack(comfy: Path) -> Path:
     return link
 
 
-def write_inputs(input_dir: Path, seconds: float, long_seconds: float) -> dict:
-    """An RGBA, non-square portrait and synthetic speech (syllables with pauses, stereo 44.1 kHz)."""
+def write_inputs(input_dir: Path, seconds: float, long_seconds: float, rate: int = 44100, channels: int = 2) -> dict:
+    """An RGBA, non-square portrait and synthetic speech (syllables with pauses; stereo 44.1 kHz by default)."""
     import wave
 
     import numpy as np
@@ -294,15 +298,15 @@ def write_inputs(input_dir: Path, seconds: float, long_seconds: float) -> dict:
     d.ellipse((120, 250, 180, 275), fill=(150, 60, 60, 255))
     im.save(input_dir / "rest_check_portrait.png")
 
-    def speech(path, secs, sr=44100):
+    def speech(path, secs, sr=rate):
         t = np.arange(int(secs * sr)) / sr
         f0 = 120 + 20 * np.sin(2 * np.pi * 0.5 * t)
         voice = sum(np.sin(2 * np.pi * h * np.cumsum(f0) / sr) / h for h in range(1, 8))
         syllables = np.clip(np.sin(2 * np.pi * 4 * t), 0, None) * (np.sin(2 * np.pi * 0.3 * t) > -0.5)
         x = (0.3 * voice * syllables).astype(np.float32)
-        pcm = (np.stack([x, 0.9 * x], 1).clip(-1, 1) * 32767).astype("<i2")
+        pcm = (np.stack([x, 0.9 * x][:channels], 1).clip(-1, 1) * 32767).astype("<i2")
         with wave.open(str(path), "wb") as w:
-            w.setnchannels(2), w.setsampwidth(2), w.setframerate(sr), w.writeframes(pcm.tobytes())
+            w.setnchannels(channels), w.setsampwidth(2), w.setframerate(sr), w.writeframes(pcm.tobytes())
 
     speech(input_dir / "rest_check_speech.wav", seconds)
     speech(input_dir / "rest_check_speech_long.wav", long_seconds)
@@ -385,10 +389,13 @@ def host_check(args) -> dict:
     comfy = Path(args.comfy).resolve()
     summary = {"comfyui": str(comfy), "ok": False}
     summary["pack_dir"] = str(link_pack(comfy))
-    inputs = write_inputs(comfy / "input", args.seconds, args.long_seconds)
+    inputs = write_inputs(comfy / "input", args.seconds, args.long_seconds, args.speech_rate, args.speech_channels)
     overrides = {("LoadImage", "image"): inputs["portrait"],
                  ("LoadAudio", "audio"): lambda node: inputs["long" if "long" in str(node["widgets_values"][0])
                                                             else "speech"][0]}
+    if args.inputs == "shipped":  # the file names the templates carry; the pack writes them at start
+        overrides = {}
+        inputs["speech"], inputs["long"] = ("rest_speech.wav", None), ("rest_speech_long.wav", None)
     if args.models == "tiny":
         vae_name, dit_name = write_tiny_models(comfy / "models" / "rest")
         overrides.update({("RESTLoadVAE", "vae_name"): vae_name, ("RESTLoadCausalDiT", "dit_name"): dit_name})
@@ -413,6 +420,9 @@ def host_check(args) -> dict:
             summary["import_lines"] = pack_lines
             summary["import_failed"] = any("IMPORT FAILED" in l for l in pack_lines) or \
                 f"Cannot import {summary['pack_dir']}" in text
+        if args.inputs == "shipped":
+            summary["shipped_inputs"] = {n: (comfy / "input" / n).is_file()
+                                         for n in ("rest_portrait.png", "rest_speech.wav", "rest_speech_long.wav")}
         info = server.get("/object_info")
         summary["nodes_listed"] = [n for n in PACK_NODES if n in info]
         summary["core_drift"] = [f"{n}: {sec}.{k}" for n, d in CORE_NODES.items() for sec, ins in d["input"].items()
@@ -425,12 +435,15 @@ def host_check(args) -> dict:
         summary["validation"] = {n: validate_workflow(wf, info) for n, wf in workflows.items()}
         summary["runs"] = []
         for name, wf in workflows.items():
+            if args.only and args.only not in name:
+                continue
             res = run_workflow(server, name, wf, info, overrides, args.run_timeout)
             res["mp4"] = [probe_mp4(comfy / "output" / s.get("subfolder", "") / s["filename"])
                           for s in res.get("saved", []) if s["filename"].endswith(".mp4")]
             summary["runs"].append(res)
     finally:
         if proc is not None:
+            summary["server_peak_rss_mib"] = peak_rss_mib(proc.pid)
             proc.terminate()
             try:
                 proc.wait(30)
@@ -439,15 +452,29 @@ def host_check(args) -> dict:
     fps = 25  # both the tiny and the demo preset
     for res in summary["runs"]:
         secs = inputs["long" if "long" in res["workflow"] else "speech"][1]
-        res["expected_frames"] = math.ceil(secs * fps)
+        res["expected_frames"] = None if secs is None else math.ceil(secs * fps)
         res["ok"] = res["status"] == "success" and any(
-            m["video_streams"] == 1 and m["audio_streams"] == 1 and (args.models != "tiny" or m["frames"] == res["expected_frames"])
+            m["video_streams"] == 1 and m["audio_streams"] == 1
+            and (args.models != "tiny" or secs is None or m["frames"] == res["expected_frames"])
             for m in res["mp4"])
     summary["ok"] = (not summary.get("import_failed") and len(summary["nodes_listed"]) == len(PACK_NODES)
                      and not summary["core_drift"] and not any(summary["validation"].values())
                      and sorted(summary["templates"]) == sorted(load_workflows())
-                     and bool(summary["runs"]) and all(r["ok"] for r in summary["runs"]))
+                     and bool(summary["runs"]) and all(r["ok"] for r in summary["runs"])
+                     and all(summary.get("shipped_inputs", {}).values()))
     return summary
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """The process's peak resident set (VmHWM) so far, in MiB (Linux)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def main(argv=None) -> int:
@@ -459,8 +486,13 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=8188)
     ap.add_argument("--models", choices=("tiny", "workflow"), default="tiny",
                     help="tiny: write random tiny checkpoints and use them; workflow: the files the workflows name")
+    ap.add_argument("--inputs", choices=("check", "shipped"), default="check",
+                    help="check: write rest_check_* test inputs and use them; shipped: the templates' own files")
+    ap.add_argument("--only", help="run only the workflows whose name contains this")
     ap.add_argument("--seconds", type=float, default=2.0, help="speech length for the short workflows")
     ap.add_argument("--long-seconds", type=float, default=20.0, help="speech length for the long-audio workflow")
+    ap.add_argument("--speech-rate", type=int, default=44100, help="sample rate of the test speech")
+    ap.add_argument("--speech-channels", type=int, choices=(1, 2), default=2, help="channels of the test speech")
     ap.add_argument("--start-timeout", type=float, default=300)
     ap.add_argument("--run-timeout", type=float, default=900)
     ap.add_argument("--report", help="also write the JSON summary here")

@@ -8,7 +8,12 @@ A refactor that must not change behaviour is checked by running this before and 
 
 Lines: `cli-stream` (the frames the streamer hands to the mp4 writer), `cli-mp4` (the frames decoded back
 from the mp4 `generate` writes), and `workflow:<name>` (the IMAGE batch the workflow hands to Create Video,
-or the frames of the video file it hands on).
+or the frames of the video file it hands on). A workflow that streams its video (Stream To Video) encodes the
+streamer's frames as `generate` does, so its line must equal `cli-mp4`; one that hands an IMAGE batch to
+Create Video is compared with its own line from before a change.
+
+`--pictures` also writes what the shipped model makes on the shipped portrait: each workflow's thumbnail
+(workflows/<name>.jpg, a contact sheet of its frames) and docs/comfyui_frames.png (a strip of 8 frames).
 """
 from __future__ import annotations
 
@@ -64,7 +69,30 @@ def cli_lines(tmp: Path) -> list[str]:
             f"cli-mp4    {digest(mp4_frames(out))} ({len(mp4_frames(out))} frames)"]
 
 
-def workflow_lines() -> list[str]:
+def contact_sheet(frames, cols: int, rows: int, size: int, labels: bool = True):
+    """Evenly spaced frames (uint8 [H, W, 3]) on a white sheet, each `size` px, with its frame number."""
+    from PIL import Image, ImageDraw
+    count = cols * rows
+    picks = [round(i * (len(frames) - 1) / max(count - 1, 1)) for i in range(count)]
+    pad, text = 8, (18 if labels else 0)
+    sheet = Image.new("RGB", (cols * (size + pad) + pad, rows * (size + pad + text) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, i in enumerate(picks):
+        x, y = pad + (k % cols) * (size + pad), pad + (k // cols) * (size + pad + text)
+        sheet.paste(Image.fromarray(frames[i]).resize((size, size), Image.BICUBIC), (x, y))
+        if labels:
+            draw.text((x, y + size + 3), f"frame {i}", fill="black")
+    return sheet
+
+
+def save_pictures(name: str, frames) -> None:
+    """The template browser's thumbnail of a workflow and, for the short one, the docs' strip of frames."""
+    contact_sheet(frames, 4, 2, 150).save(ROOT / "workflows" / f"{name}.jpg", quality=90)
+    if "long" not in name:
+        contact_sheet(frames, 8, 1, 160).save(ROOT / "docs" / "comfyui_frames.png")
+
+
+def workflow_lines(pictures: bool = False) -> list[str]:
     from PIL import Image
     pack = import_pack()
     check = importlib.import_module("comfy_host_check") if "comfy_host_check" in sys.modules else None
@@ -94,8 +122,8 @@ def workflow_lines() -> list[str]:
 
         def save_video(video, **_):
             if "frames" not in record:  # a video handed on as a file (the streamed output)
-                record["frames"] = mp4_frames(video.get_stream_source() if hasattr(video, "get_stream_source")
-                                              else video)
+                record["frames"] = [np.stack(mp4_frames(video.get_stream_source()
+                                                        if hasattr(video, "get_stream_source") else video))]
             return ()
 
         stand_ins = {"LoadImage": load_image, "LoadAudio": load_audio, "CreateVideo": create_video,
@@ -114,15 +142,21 @@ def workflow_lines() -> list[str]:
         for node_id in prompt:
             outputs(node_id)
         n = sum(len(f) for f in record["frames"])
+        if pictures:
+            save_pictures(name, [f for batch in record["frames"] for f in batch])
         lines.append(f"workflow:{name} {digest(record['frames'])} ({n} frames)")
     return lines
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.parse_args()
+    ap.add_argument("--pictures", action="store_true", help="also write the workflows' thumbnails and "
+                    "docs/comfyui_frames.png from the frames")
+    ap.add_argument("--workflows-only", action="store_true", help="skip the two command-line lines")
+    args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        for line in cli_lines(Path(tmp)) + workflow_lines():
+        lines = [] if args.workflows_only else cli_lines(Path(tmp))
+        for line in lines + workflow_lines(args.pictures):
             print(line, flush=True)
     return 0
 

@@ -146,3 +146,38 @@ def test_the_bundled_demo_model_has_the_demo_presets_layout():
     p = preset("demo")
     assert dataclasses.replace(vae.cfg, scaling_factor=p.vae.scaling_factor) == p.vae
     assert dit.cfg == p.dit
+
+
+def _half_body_png(path, size=(301, 251)):
+    """The bundled portrait scaled to 96 px, off-centre in the upper part of an odd-sized gray canvas."""
+    canvas = np.full((size[1], size[0], 3), 120, np.uint8)
+    face = np.asarray(Image.open(ROOT / "assets" / "portrait.png").convert("RGB").resize((96, 96), Image.LANCZOS))
+    canvas[20:116, 170:266] = face
+    Image.fromarray(canvas).save(path)
+    return path, canvas
+
+
+def test_generate_frames_the_face_and_pastes_back_at_the_portraits_size(tmp_path, capsys):
+    png, canvas = _half_body_png(tmp_path / "half_body.png")
+    out = tmp_path / "pasted.mp4"
+    assert main(["generate", "--random-weights", "--image", str(png), "--audio", str(_wav(tmp_path / "s.wav", 0.5)),
+                 "--out", str(out), "--paste-back"]) == 0
+    said = capsys.readouterr().out
+    assert "portrait: face found" in said
+    assert "warning: this portrait is far from what the model was trained on" in said  # a random VAE
+    info = media.probe(out)
+    assert (info["width"], info["height"]) == (300, 250) and info["frames"] == 13  # odd sides trimmed for H.264
+    frame = next(iter(__import__("av").open(str(out)).decode(video=0))).to_ndarray(format="rgb24").astype(float)
+    # away from the face the video is the portrait itself (up to H.264), around it the generated noise
+    assert np.abs(frame[150:, :150] - canvas[150:250, :150]).mean() < 3
+    assert np.abs(frame[40:90, 195:240] - canvas[40:90, 195:240]).mean() > 10
+
+
+def test_generate_says_when_no_face_is_found_and_the_crop_default_is_face(tmp_path, capsys):
+    from rest_model.cli import build_parser
+    assert build_parser().parse_args(["generate"]).crop == "face"
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--random-weights", "--image", str(_png(tmp_path / "noise.png", "RGB")), "--audio",
+                 str(_wav(tmp_path / "s.wav", 0.3)), "--out", str(out)]) == 0
+    assert "portrait: no face found: centered crop 70x70 at (10, 0)" in capsys.readouterr().out
+    assert media.probe(out)["width"] == 32  # without --paste-back: the model's square

@@ -44,11 +44,29 @@ def defs():
 def test_the_two_use_cases_are_shipped():
     assert len(WORKFLOWS) >= 2
     assert any("long" in name for name in WORKFLOWS)
+    used = set()
     for name, wf in WORKFLOWS.items():
         types = {n["type"] for n in wf["nodes"]}
-        assert set(pack.NODE_CLASS_MAPPINGS) | {"LoadImage", "LoadAudio", "CreateVideo", "SaveVideo"} <= types, name
+        used |= types
+        assert {"LoadImage", "LoadAudio", "SaveVideo", "RESTStreamingSampler"} <= types, name
         assert types <= set(pack.NODE_CLASS_MAPPINGS) | CORE_ALLOWED, name
         assert wf["version"] == 0.4 and wf["last_link_id"] == max(l[0] for l in wf["links"])
+        assert wf["last_node_id"] == max(n["id"] for n in wf["nodes"])
+    assert set(pack.NODE_CLASS_MAPPINGS) <= used  # every node of the pack appears in a template
+    long_types = {n["type"] for name, wf in WORKFLOWS.items() if "long" in name for n in wf["nodes"]}
+    assert "RESTStreamToVideo" in long_types and "CreateVideo" not in long_types  # no frame batch for long audio
+
+
+def test_templates_name_only_files_the_pack_installs():
+    """Every input file a template names is one the pack places in ComfyUI's input/ on first start."""
+    host = importlib.import_module(f"{PACK}.nodes.host")
+    installed = set(host.TEMPLATE_INPUTS) | {host.LONG_SPEECH}
+    for name, wf in WORKFLOWS.items():
+        for n in wf["nodes"]:
+            if n["type"] in ("LoadImage", "LoadAudio"):
+                assert n["widgets_values"][0] in installed, (name, n["widgets_values"][0])
+            if n["type"] in ("RESTLoadVAE", "RESTLoadCausalDiT"):
+                assert (host.DEMO_DIR / n["widgets_values"][0]).is_file(), (name, n["widgets_values"][0])
 
 
 @pytest.mark.parametrize("name", sorted(WORKFLOWS))
@@ -61,11 +79,21 @@ def test_video_gets_the_original_audio_and_the_models_fps(name, defs):
     wf = WORKFLOWS[name]
     prompt = check.to_api_prompt(wf, defs)
     by_type = {n["class_type"]: (i, n) for i, n in prompt.items()}
-    create = by_type["CreateVideo"][1]["inputs"]
-    assert create["audio"] == [by_type["LoadAudio"][0], 0]
-    assert create["fps"] == [by_type["RESTAudioEncode"][0], 3]  # Audio Encode's fps output
-    assert create["images"] == [by_type["RESTDecodeChunk"][0], 0]
-    assert by_type["SaveVideo"][1]["inputs"]["format"] in ("auto", "mp4")
+    save = by_type["SaveVideo"][1]["inputs"]
+    assert save["format"] in ("auto", "mp4") and save["codec"] in ("auto", "h264")  # a streamed file is copied
+    # the sampler gets the VAE on its own socket (for the preview), the same VAE that decodes
+    vae = by_type["RESTLoadVAE"][0]
+    assert by_type["RESTStreamingSampler"][1]["inputs"]["vae"] == [vae, 0]
+    if "CreateVideo" in by_type:
+        create = by_type["CreateVideo"][1]["inputs"]
+        assert create["audio"] == [by_type["LoadAudio"][0], 0]
+        assert create["fps"] == [by_type["RESTAudioEncode"][0], 3]  # Audio Encode's fps output
+        assert create["images"] == [by_type["RESTDecodeChunk"][0], 0]
+        assert save["video"] == [by_type["CreateVideo"][0], 0]
+    else:  # the streamed output: fps comes with the chunks, the sound from Load Audio
+        stream = by_type["RESTStreamToVideo"][1]["inputs"]
+        assert stream["audio"] == [by_type["LoadAudio"][0], 0] and stream["vae"] == [vae, 0]
+        assert save["video"] == [by_type["RESTStreamToVideo"][0], 0]
 
 
 def test_workflows_are_where_the_template_browser_looks():
@@ -153,6 +181,10 @@ def core_stand_ins(seconds, out_dir, record):
 
     def save_video(video, filename_prefix, format, codec):
         path = out_dir / (filename_prefix.replace("/", "_") + ".mp4")
+        if hasattr(video, "save_to"):  # a VIDEO file (Stream To Video): Save Video copies its packets
+            video.save_to(str(path), format=format, codec=codec)
+            record["mp4"] = path
+            return ()
         wave = video["audio"]["waveform"][0]
         frames = video["images"].permute(0, 3, 1, 2) * 2 - 1
         media.write_video(path, [frames], int(video["fps"]), audio=wave, sample_rate=video["audio"]["sample_rate"])
@@ -240,3 +272,21 @@ def test_nodes_never_install_or_download_anything():
     for path in (ROOT / "nodes").glob("*.py"):
         text = path.read_text()
         assert not re.search(r"pip\b.*install|subprocess|urllib|requests|hf_hub|snapshot_download|torch\.hub", text), path
+
+
+def test_a_workflow_saved_before_the_socket_redesign_still_runs(defs, tiny_models, tmp_path, monkeypatch):
+    """Node keys did not change and every new input is optional: the pre-redesign template (loaders with one
+    output, no VAE on the sampler) runs to the same kind of mp4 (ComfyUI's frontend adds the new outputs)."""
+    monkeypatch.setenv("REST_MODELS_DIR", str(tiny_models))
+    media = importlib.import_module(f"{PACK}.rest_model.media")
+    old = json.loads((ROOT / "tests" / "fixtures" / "rest_talking_head_v0.json").read_text())
+    problems = check.validate_workflow(old, defs)
+    # only what the frontend fills in itself: the loaders' new info output, Decode Chunk's new paste_back widget
+    assert problems and all(("differ from the node's" in p and "'STRING'" in p) or
+                            ("RESTDecodeChunk" in p and "0 widget values for 1 widget slots" in p) for p in problems)
+    record = {}
+    prompt = check.to_api_prompt(old, defs, {("RESTLoadVAE", "vae_name"): "vae.safetensors",
+                                             ("RESTLoadCausalDiT", "dit_name"): "dit.safetensors"})
+    execute(prompt, core_stand_ins(0.5, tmp_path, record))
+    info = media.probe(record["mp4"])
+    assert info["frames"] == 13 and info["has_audio"]

@@ -39,16 +39,19 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset, get_worker_info
 
+from ..errors import InputError
+from ..framing import FACE_SCALE, face_square, find_face
 from .jobs import parallel_map
 
 log = logging.getLogger("rest_model.data")
@@ -103,55 +106,17 @@ class YuNetDetector(FaceDetector):
 
 
 class SkinDetector(FaceDetector):
-    """Crude fallback when no trained detector is installed: the largest compact skin-coloured blob
-    (YCrCb skin range of Chai & Ngan 1999) clear of the left, right and top edges. Colours seen on
-    the frame's border are taken for background and removed first (a wall of skin colour), and a blob
-    that runs down the neck into skin-coloured clothes is cut where the shoulders widen it."""
+    """Fallback when no trained detector is installed: the core's skin-colour face finder
+    (`rest_model.framing.find_face`, the one a portrait's `face` crop uses), so a clip and a portrait are
+    framed alike."""
     name = "skin"
 
     def __call__(self, rgb):
-        h, w = rgb.shape[:2]
-        ycc = cv2.cvtColor(rgb, cv2.COLOR_RGB2YCrCb)
-        mask = cv2.inRange(ycc, (30, 133, 77), (255, 173, 127))
-        b = max(2, min(h, w) // 25)
-        ring = np.concatenate([ycc[:b].reshape(-1, 3), ycc[:, :b].reshape(-1, 3), ycc[:, -b:].reshape(-1, 3)])
-        ring = ring[np.random.default_rng(0).choice(len(ring), min(96, len(ring)), replace=False)]
-        chroma = ycc[..., 1:].reshape(-1, 1, 2).astype(np.int16)
-        near_bg = np.abs(chroma - ring[None, :, 1:].astype(np.int16)).sum(-1).min(1) < 6
-        mask[near_bg.reshape(h, w)] = 0
-        k = max(3, min(h, w) // 40) | 1
-        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((k, k), np.uint8))
-        mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((2 * k + 1, 2 * k + 1), np.uint8))
-        n, lab, stats, _ = cv2.connectedComponentsWithStats(mask)
-        out = []
-        for i in range(1, n):
-            x, y, bw, bh, area = map(int, stats[i])
-            if area < 0.02 * h * w or y <= 0:
-                continue
-            comp = lab[y:y + bh, x:x + bw] == i
-            peak, low, cut = 0, None, bh
-            for r, wd in enumerate(comp.sum(1)):  # widest at the cheeks, narrow at the neck, wide again below
-                if low is None:
-                    peak = max(peak, wd)
-                    low = wd if wd < 0.8 * peak else None
-                else:
-                    low = min(low, wd)
-                    if wd > 1.5 * low and wd > 0.9 * peak:
-                        cut = r
-                        break
-            for rows in ((bh, cut) if cut < bh else (bh,)):
-                part = comp[:rows]
-                cols = np.flatnonzero(part.any(0))
-                x0, x1 = x + cols[0], x + cols[-1] + 1
-                fw = x1 - x0
-                fh = min(rows, int(1.3 * fw))  # a face's proportions: the neck joins from below
-                if x0 <= 0 or x1 >= w or not 0.02 * h * w <= fw * fh <= 0.6 * h * w:
-                    continue
-                if part[:fh, cols[0]:cols[-1] + 1].mean() < 0.5 or not 0.5 < fh / fw < 2.0:
-                    continue
-                out.append((float(x0), float(y), float(fw), float(fh)))
-                break
-        return sorted(out, key=lambda b: -b[2] * b[3])
+        box = find_face(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255)
+        if box is None:
+            return []
+        left, top, right, bottom = box
+        return [(float(left), float(top), float(right - left), float(bottom - top))]
 
 
 def find_cascade() -> str | None:
@@ -173,15 +138,9 @@ def make_detector(face_model: str | None = None) -> FaceDetector:
 
 
 def crop_from_faces(boxes, width: int, height: int, scale: float) -> tuple[int, int, int]:
-    """One square (left, top, side) for the clip around the median face box, the face a little
-    above the centre (as in `synth` framing), kept inside the frame."""
-    b = np.median(np.asarray(boxes, dtype=np.float64), axis=0)
-    x, y, w, h = b
-    side = min(scale * max(w, h), width, height)
-    cx, cy = x + w / 2, y + h / 2 + 0.06 * side
-    left = int(round(np.clip(cx - side / 2, 0, width - side)))
-    top = int(round(np.clip(cy - side / 2, 0, height - side)))
-    return left, top, int(round(side))
+    """One square (left, top, side) for the clip around the median face box: the training framing
+    (`framing.face_square`, the face a little above the centre, as `synth` draws it), kept inside the frame."""
+    return face_square(np.median(np.asarray(boxes, dtype=np.float64), axis=0), width, height, scale, shrink=True)
 
 
 def center_crop(width: int, height: int) -> tuple[int, int, int]:
@@ -203,7 +162,7 @@ class Options:
     sample_rate: int
     crop: str = "auto"
     face_model: str | None = None
-    face_scale: float = 2.0
+    face_scale: float = FACE_SCALE
     min_seconds: float = 1.0
     max_seconds: float = 60.0
 
@@ -393,7 +352,8 @@ def prepare_clip(path: Path, root: Path, out: Path, opt: Options) -> Prepared:
         tmp = out / f"{name}.safetensors.tmp"
         save_file(tensors, os.fspath(tmp), metadata=meta)
         os.replace(tmp, out / f"{name}.safetensors")
-        res.records.append(dict(file=f"{name}.safetensors", identity=identity, voice=voice, frames=e - s))
+        res.records.append(dict(file=f"{name}.safetensors", identity=identity, voice=voice, frames=e - s,
+                                source="synth" if synth else "video"))
     if len(segments) > 1:
         res.notes.append(f"split into {len(segments)} segments of up to {opt.max_seconds:g} s")
     return res
@@ -460,7 +420,7 @@ def find_videos(root: Path) -> list[Path]:
 
 
 def prepare(videos: str, out: str, preset_name: str, *, crop: str = "auto", face_model: str | None = None,
-            face_scale: float = 2.0, min_seconds: float = 1.0, max_seconds: float = 60.0,
+            face_scale: float = FACE_SCALE, min_seconds: float = 1.0, max_seconds: float = 60.0,
             test_fraction: float = 0.15, jobs: int | None = None, progress: bool = False) -> dict:
     """Prepare every clip under `videos` into the dataset folder `out`; returns the index."""
     from ..config import preset
@@ -540,7 +500,8 @@ def register(sub) -> None:
     p.add_argument("--crop", default="auto", choices=("auto", "face", "center"),
                    help="auto: face crop, except centre crop for synth clips (default)")
     p.add_argument("--face-model", help="YuNet face detector .onnx (optional; default Haar if installed, else skin colour)")
-    p.add_argument("--face-scale", type=float, default=2.0, help="crop side / face box side (default 2)")
+    p.add_argument("--face-scale", type=float, default=FACE_SCALE,
+                   help=f"crop side / face box side (default {FACE_SCALE:g}, the training framing)")
     p.add_argument("--min-seconds", type=float, default=1.0, help="shorter clips are skipped (default 1)")
     p.add_argument("--max-seconds", type=float, default=60.0, help="longer clips are split into segments (default 60)")
     p.add_argument("--test-fraction", type=float, default=0.15, help="held-out share of clips (default 0.15)")
@@ -567,6 +528,27 @@ def load_index(root) -> dict:
     if index["sample_rate"] % index["fps"]:
         raise ValueError(f"{path}: sample_rate {index['sample_rate']} is not a multiple of fps {index['fps']}")
     return index
+
+
+def describe_dataset(root) -> str:
+    """What a model trained on this dataset's train split learned from, in words (a checkpoint's `trained_on`)."""
+    index = load_index(root)
+    clips = [c for c in index["clips"] if c.get("split", "train") == "train"]
+    kinds = {c.get("source") for c in clips}
+    if kinds == {"synth"}:
+        what = "procedural drawn faces (rest_model synth)"
+    elif kinds == {"video"}:
+        what = "face-cropped talking-head videos"
+    elif kinds == {"synth", "video"}:
+        n = sum(c.get("source") == "synth" for c in clips)
+        what = f"talking-head videos and procedural drawn faces ({n} of the clips)"
+    else:
+        what = "talking-head clips"
+    frames = sum(int(c.get("frames", 0)) for c in clips)
+    n, ids = len(clips), len({c.get("identity") for c in clips})
+    return (f"{what}, {index['resolution']}x{index['resolution']} at {index['fps']} fps: {n} clip{'s' * (n != 1)}, "
+            f"{ids} identit{'ies' if ids != 1 else 'y'}, {frames / index['fps'] / 60:.1f} min "
+            f"(dataset {Path(root).resolve().name})")
 
 
 class ClipDataset(Dataset):
@@ -643,9 +625,20 @@ class ClipDataset(Dataset):
 
     def _tensors(self, i):
         if i not in self._mem:
-            with safe_open(os.fspath(self.root / self.clips[i]["file"]), framework="pt") as f:
+            with self._open(i) as f:
                 self._mem[i] = {k: f.get_tensor(k) for k in f.keys()}
         return self._mem[i]
+
+    @contextmanager
+    def _open(self, i):
+        """The clip's file for reading; a truncated or corrupt one is named, with what to do about it."""
+        path = self.root / self.clips[i]["file"]
+        try:
+            with safe_open(os.fspath(path), framework="pt") as f:
+                yield f
+        except (SafetensorError, OSError, KeyError) as e:
+            raise InputError(f"{path}: dataset clip unreadable (truncated or corrupt?): {type(e).__name__}: {e}. "
+                             f"Run `python -m rest_model prepare` again for this dataset") from None
 
     def load(self, i: int, start: int, ref_frame: int) -> dict:
         """The item of clip i with the crop starting at `start` and the reference at `ref_frame`."""
@@ -661,7 +654,7 @@ class ClipDataset(Dataset):
             audio_full = t["audio"][a0:a1]
             extras = {k: t[k][start:start + n] for k in ("mouth_open", "mouth_width", "head_pose") if k in t}
         else:
-            with safe_open(os.fspath(self.root / c["file"]), framework="pt") as f:
+            with self._open(i) as f:
                 keys = set(f.keys())
                 vs = f.get_slice("video")
                 video, ref = vs[start:start + n], vs[ref_frame:ref_frame + 1]

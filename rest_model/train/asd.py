@@ -210,7 +210,7 @@ def cmd_distill(args) -> int:
         return asd_loss(student, teacher, vae, draw(g), margin, g, cfg, weights=weights, critic=critic, expert=expert)
 
     train_loop("asd", models, step, args.out, loop_config(args),
-               lambda: export_model(student, os.path.join(args.out, "student_asd.safetensors")))
+               lambda: export_model(student, os.path.join(args.out, "student_asd.safetensors"), args.data))
     return 0
 
 

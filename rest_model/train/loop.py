@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -27,8 +27,9 @@ from .. import checkpoint
 from . import distributed
 from ..audio import SampleTimeline
 from ..config import DiTConfig
-from ..data.prepare import ClipDataset
+from ..data.prepare import ClipDataset, describe_dataset
 from ..dit import CausalDiT, audio_windows
+from ..errors import InputError, NonFiniteError
 
 log = logging.getLogger("rest_model.train")
 
@@ -138,13 +139,20 @@ def save_state(path: str, modules: dict, opt: torch.optim.Optimizer, step: int, 
 
 def load_state(path: str, modules: dict, opt: torch.optim.Optimizer, optional: tuple[str, ...] = ()) -> int:
     """Restore a snapshot; a module named in `optional` that the snapshot lacks keeps its state (an EMA
-    turned on when resuming a run that had none starts from the resumed weights)."""
-    with safe_open(path, framework="pt") as f:
-        info = json.loads(f.metadata()["rest_train_state"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    turned on when resuming a run that had none starts from the resumed weights). A snapshot that cannot be
+    read, or was taken of another architecture, is refused naming the file and what differs."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            info = json.loads((f.metadata() or {})["rest_train_state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        int(info["step"]), info["param_groups"]
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: the training snapshot cannot be read (truncated or corrupt?): "
+                         f"{type(e).__name__}: {e}. Move it away to start the stage afresh") from None
     for name, m in modules.items():
         sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
         if sd or name not in optional:
+            _check_same_architecture(path, name, m, sd)
             m.load_state_dict(sd)
     state = {}
     for k, v in tensors.items():
@@ -153,6 +161,28 @@ def load_state(path: str, modules: dict, opt: torch.optim.Optimizer, optional: t
             state.setdefault(int(i), {})[key] = v.reshape(()) if key == "step" else v
     opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
     return int(info["step"])
+
+
+def _check_same_architecture(path: str, name: str, module: torch.nn.Module, sd: dict) -> None:
+    """The snapshot's tensors of `name` must be the module's own: a resume with other model flags (--depth,
+    --preset, ...) would otherwise fail deep in load_state_dict with a bare size mismatch."""
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in sd.items()}
+    diffs = [f"{k} missing from the snapshot" for k in want if k not in have]
+    diffs += [f"{k} in the snapshot only" for k in have if k not in want]
+    diffs += [f"{k} {have[k]} in the snapshot vs {v} now" for k, v in want.items() if k in have and have[k] != v]
+    if diffs:
+        raise InputError(f"{path}: this snapshot was taken of another {name} architecture than the one the "
+                         f"flags build now ({len(diffs)} difference(s), e.g. {'; '.join(diffs[:3])}); resume with "
+                         f"the flags of the run that made it, or use another --out folder")
+
+
+def check_finite_weights(stage: str, modules: dict[str, torch.nn.Module]) -> None:
+    """Refuse to snapshot or export NaN/inf weights, naming the first bad tensor."""
+    for name, m in modules.items():
+        for k, v in m.state_dict().items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise NonFiniteError(f"{stage}: {name}.{k} holds NaN/inf weights; nothing was saved")
 
 
 def ema_models(trainable: dict[str, torch.nn.Module], decay: float) -> dict[str, AveragedModel]:
@@ -218,6 +248,15 @@ def train_loop(stage: str, trainable: dict[str, torch.nn.Module], step_fn: Calla
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        # before the optimiser touches the weights: one NaN step would poison them for good. The flag is
+        # shared by all processes of a torchrun job, so they stop together instead of waiting on each other.
+        finite = math.isfinite(loss.item()) and math.isfinite(float(grad_norm))
+        if distributed.mean_over_ranks({"bad": float(not finite)})["bad"] > 0:
+            kept = f"the last good snapshot {state_path} (step {_saved_step(start, step, cfg)}) and" \
+                if os.path.exists(state_path) else "no snapshot yet;"
+            raise NonFiniteError(f"{stage}: step {step + 1} diverged (loss {loss.item():.4g}, gradient norm "
+                                 f"{float(grad_norm):.4g}); stopped before updating the weights; kept {kept} the "
+                                 f"checkpoints it exported. Resume with a lower --lr (or other data)")
         opt.step()
         for name, ema in emas.items():
             ema.update_parameters(trainable[name])
@@ -235,6 +274,7 @@ def train_loop(stage: str, trainable: dict[str, torch.nn.Module], step_fn: Calla
                 print(f"[{stage}] step {step + 1}/{cfg.steps} loss={shown['loss']:.4g} {extra} "
                       f"({rate:.2f} it/s, eta {eta / 60:.1f} min)", file=sys.stderr, flush=True)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            check_finite_weights(stage, saved)  # every process holds the same weights: all stop together
             if rank == 0:  # every process holds the same weights and optimiser state
                 save_state(state_path, saved, opt, step + 1)
                 if export is not None:
@@ -246,6 +286,12 @@ def train_loop(stage: str, trainable: dict[str, torch.nn.Module], step_fn: Calla
     return records
 
 
+def _saved_step(start: int, step: int, cfg: LoopConfig) -> int:
+    """The step of the newest snapshot written before `step` ran (this run's, else the one it resumed)."""
+    last = (step // cfg.save_every) * cfg.save_every
+    return last if last > start else start
+
+
 def make_trainable(dit: CausalDiT) -> CausalDiT:
     """A loaded (frozen) DiT ready to train; an audio backbone stays frozen (its weights are the user's)."""
     dit.requires_grad_(True)
@@ -254,10 +300,11 @@ def make_trainable(dit: CausalDiT) -> CausalDiT:
     return dit
 
 
-def export_model(module, path: str):
-    """Deployable checkpoint (weights + config), as the loaders and nodes read it."""
+def export_model(module, path: str, data: str | None = None):
+    """Deployable checkpoint (weights + config, and what it was trained on: the dataset folder `data`
+    described), as the loaders and nodes read it."""
     was = module.training
-    checkpoint.save(module.eval(), path)
+    checkpoint.save(module.eval(), path, trained_on=describe_dataset(data) if data else None)
     module.train(was)
 
 

@@ -145,7 +145,7 @@ def cmd_init_student(args) -> int:
         return init_student_loss(student, teacher, vae, draw(g), margin, g, loss_cfg, weights)
 
     train_loop("student", {"dit": student}, step, args.out, loop_config(args),
-               lambda: export_model(student, os.path.join(args.out, "student_init.safetensors")))
+               lambda: export_model(student, os.path.join(args.out, "student_init.safetensors"), args.data))
     return 0
 
 

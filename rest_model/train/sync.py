@@ -56,7 +56,7 @@ def cmd_train_sync(args) -> int:
         return sync_loss(expert, z, batch["audio"].to(args.device), cfg.margin)
 
     path = os.path.join(args.out, "sync_expert.safetensors")
-    train_loop("sync", {"sync": expert}, step, args.out, loop_config(args), lambda: export_model(expert, path))
+    train_loop("sync", {"sync": expert}, step, args.out, loop_config(args), lambda: export_model(expert, path, args.data))
     r = heldout_accuracy(expert, vae, args.data, frames)
     if r is not None:
         print(f"lip-sync expert on held-out clips: the aligned audio outscores all {len(cfg.shifts) - 1} shifts in "

@@ -87,7 +87,7 @@ def cmd_train_teacher(args) -> int:
         return teacher_loss(dit, vae, draw(g), margin, g, weights=weights)
 
     train_loop("teacher", {"dit": dit}, step, args.out, loop_config(args),
-               lambda: export_model(dit, os.path.join(args.out, "teacher.safetensors")))
+               lambda: export_model(dit, os.path.join(args.out, "teacher.safetensors"), args.data))
     return 0
 
 

@@ -193,7 +193,7 @@ def cmd_train_vae(args) -> int:
     def export():
         if not args.decoder_only:  # a frozen encoder keeps its latent scale
             vae.cfg.scaling_factor = latent_scale(vae, data)
-        export_model(vae, os.path.join(args.out, "rest_vae.safetensors"))
+        export_model(vae, os.path.join(args.out, "rest_vae.safetensors"), args.data)
 
     trainable = {"vae": vae} | ({"disc": disc} if disc is not None else {})
     train_loop("vae", trainable, step, args.out, loop_config(args), export)
