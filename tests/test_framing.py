@@ -143,3 +143,14 @@ def test_domain_report_warns_below_the_threshold(tiny):
 
     db, warning = framing.domain_report(Identity(), x)
     assert db > 90 and warning is None
+
+
+@pytest.mark.parametrize("crop", [(40, 236, 40, 216), (30, 256, 0, 256)])
+def test_a_tight_close_up_is_framed_at_the_training_scale_past_its_edges(portrait, crop):
+    top, bottom, left, right = crop
+    close_up = portrait[:, top:bottom, left:right]  # the bundled portrait with its margins cut away
+    out, f = frame_portrait(close_up, 128, "face")
+    assert f.mode == "face" and "past the picture's edge" in f.message
+    # the square the training framing asks for is the whole original portrait, most of it off this picture
+    assert framing._iou(f.box, (-left, -top, 256 - left, 256 - top)) > 0.75
+    assert f.box[1] < 0  # past the top: the face is not enlarged to fill the picture
