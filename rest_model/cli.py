@@ -193,8 +193,8 @@ def main(argv=None, wings=()) -> int:
     except Exception as e:  # noqa: BLE001 - every error leaves as a message and its kind's exit code
         return _report(e)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the atomic writers have already cleaned up
-        print(f"\ninterrupted ({'SIGTERM' if isinstance(e, errors.Terminated) else 'Ctrl-C'}); an output "
-              f"being written was discarded", file=sys.stderr)
+        print(f"\ninterrupted ({'SIGTERM' if isinstance(e, errors.Terminated) else 'Ctrl-C'}): stopped; an output "
+              f"being written was discarded, earlier files are unchanged", file=sys.stderr)
         return errors.exit_code(e)
 
 
