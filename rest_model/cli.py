@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -174,8 +175,9 @@ def main(argv=None, wings=()) -> int:
     """Run a command; errors become one message and the exit code of their kind (module docstring)."""
     args = build_parser(wings).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        errors.raise_on_sigterm()  # SIGTERM cleans up like Ctrl-C instead of killing mid-write
+        previous = errors.raise_on_sigterm()  # SIGTERM cleans up like Ctrl-C instead of killing mid-write
     try:
         for flag in ("device", "decode_device"):
             if getattr(args, flag, None):
@@ -197,6 +199,9 @@ def main(argv=None, wings=()) -> int:
         print(f"\ninterrupted ({'SIGTERM' if isinstance(e, errors.Terminated) else 'Ctrl-C'}): stopped; an output "
               f"being written was discarded, earlier files are unchanged", file=sys.stderr)
         return errors.exit_code(e)
+    finally:
+        if previous is not None:  # main() may run inside another program (tests, a notebook)
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _report(e: Exception) -> int:

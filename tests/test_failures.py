@@ -5,7 +5,6 @@ import json
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from rest_model.data.prepare import ClipDataset
 from rest_model.errors import InputError, NonFiniteError
 from rest_model.streamer import AudioSource, chunk_noise, noise_seed, stream
 from rest_model.train.loop import LoopConfig, train_loop
-from conftest import randomize, speech_like
+from conftest import speech_like
 from test_output_atomic import _wav
 from test_training import _teacher_step, _tiny_dataset, toy_clips
 
