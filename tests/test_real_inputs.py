@@ -52,20 +52,14 @@ def test_speech_only_in_the_centre_channel_of_5_1_is_kept(tmp_path):
     assert _rms(_decoded_audio(out)) > 0.5 * _rms(speech)
 
 
-def test_float_audio_beyond_full_scale_is_scaled_not_clipped():
+def test_float_audio_beyond_full_scale_is_scaled_not_clipped(tmp_path):
     t = np.arange(SR) / SR
     loud = 3.0 * np.sin(2 * np.pi * 200 * t).astype(np.float32)  # peaks at 3x full scale
     track, layout = media.audio_track(torch.from_numpy(loud), SR)
     assert layout == "mono" and np.abs(track).max() == pytest.approx(1.0)
     assert np.allclose(track[0], loud / 3, atol=1e-6)  # one gain: the sine's shape is kept (a clamp flattens it)
-    wave, _ = media.load_audio(_write_audio_tmp(loud))
+    wave, _ = media.load_audio(_write_audio(tmp_path / "loud.wav", loud[None], "mono"))
     assert wave.abs().max() == pytest.approx(3.0, rel=1e-4)  # the model hears what the file holds, unclipped
-
-
-def _write_audio_tmp(wave):
-    import tempfile
-    path = tempfile.mktemp(suffix=".wav")
-    return _write_audio(path, wave[None], "mono")
 
 
 def test_the_muxed_track_of_loud_audio_does_not_clip(tmp_path):
