@@ -405,3 +405,52 @@ def test_serve_command_serves_the_page_on_loopback(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_the_live_server_is_core_and_imports_no_wing():
+    from test_layout import modules_after, wing_modules
+    mods = modules_after("import rest_model.live")
+    assert "rest_model.live" in mods and wing_modules(mods) == []
+
+
+def test_comfyui_gets_the_same_page_and_websocket_on_its_own_server(monkeypatch):
+    """The pack imported as ComfyUI imports it, with a stand-in for ComfyUI's `server` module: the routes land
+    on PromptServer.instance.routes and stream the bundled demo model; WEB_DIRECTORY holds the menu entry."""
+    import importlib.util
+    import types
+
+    from aiohttp import web
+    routes = web.RouteTableDef()
+    fake = types.ModuleType("server")
+    fake.PromptServer = type("PromptServer", (), {"instance": types.SimpleNamespace(routes=routes)})
+    monkeypatch.setitem(sys.modules, "server", fake)
+    name = "rest_pack_live_under_test"
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
+                                                  submodule_search_locations=[ROOT])
+    pack = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, pack)
+    spec.loader.exec_module(pack)
+    paths = {r.path for r in routes}
+    assert {"/rest/live/ws", "/rest/live/", "/rest/live/info"} <= paths
+    menu = os.path.join(ROOT, pack.WEB_DIRECTORY, "rest_live.js")
+    assert "rest/live/" in open(menu).read()
+    assert [f for f in os.listdir(os.path.join(ROOT, pack.WEB_DIRECTORY)) if f.endswith(".js")] == ["rest_live.js"]
+    lr = sys.modules[name + ".nodes.live_routes"]
+    assert lr.pick_models(["a/my_dit.safetensors", "rest_dit_demo.safetensors", "rest_vae_demo.safetensors"]) == \
+        lr.DEMO_PAIR
+    assert lr.pick_models(["x_vae.safetensors", "y_dit.safetensors"]) == ("x_vae.safetensors", "y_dit.safetensors")
+    with pytest.raises(FileNotFoundError, match="needs a REST VAE and DiT"):
+        lr.pick_models(["x_vae.safetensors"])
+
+    app = web.Application()
+    app.add_routes(routes)
+
+    async def run():
+        async with test_utils.TestClient(test_utils.TestServer(app)) as client:
+            page = await client.get("/rest/live/")
+            frames, msgs = await _talk(client, _pieces(speech_like(0.4, RATE)), format="jpeg")
+            return page.status, frames, msgs
+    status, frames, msgs = asyncio.run(run())
+    assert status == 200 and msgs[0]["resolution"] == 128 and msgs[-1]["type"] == "end"
+    assert [f[0] for f in frames] == list(range(10))
+    assert Image.open(io.BytesIO(frames[0][2])).size == (128, 128)
