@@ -112,9 +112,14 @@ def cmd_serve(args) -> int:
 
     vae, dit = _models(args)  # a missing or broken model file is reported now, not at the first visitor
     vae.to(device), dit.to(device)
+    if args.chunk is not None:
+        try:
+            dataclasses.replace(dit.cfg.stream, chunk_frames=args.chunk)
+        except ValueError as e:
+            raise ValueError(f"--chunk: {e}") from None
     max_streams = live.default_max_streams() if args.max_streams is None else args.max_streams
     app = live.make_app(lambda: (vae, dit), max_streams, record_dir=args.record_dir,
-                        max_audio_ahead_s=args.max_audio_ahead)
+                        max_audio_ahead_s=args.max_audio_ahead, chunk_frames=args.chunk)
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}{live.PREFIX}/"
     if not live.is_loopback(args.host):
         print(f"WARNING: serving on {args.host}, not loopback: anyone who can reach this port can use the "
@@ -165,6 +170,8 @@ def build_parser(wings=()) -> argparse.ArgumentParser:
     s.add_argument("--max-streams", type=int, help="concurrent live streams (default: 1 on CPU, one per GPU)")
     s.add_argument("--max-audio-ahead", type=float, default=5.0, help="seconds of received audio a stream may "
                    "hold before generating it; beyond, the stream ends with an error (default 5)")
+    s.add_argument("--chunk", type=int, help="latent frames per chunk (default: the model's; 1 halves the wait "
+                   "for a chunk's audio)")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--record-dir", default="out/live", help="where streams started with record: true are saved")

@@ -42,6 +42,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import dataclasses
 import io
 import json
 import logging
@@ -64,6 +65,7 @@ from PIL import Image, UnidentifiedImageError
 
 from . import media
 from .audio import chunk_lookahead_frames
+from .config import StreamConfig
 from .streamer import AudioSource, stream
 
 log = logging.getLogger("rest_model.live")
@@ -339,7 +341,7 @@ class LiveStream:
                 "audio_ahead_s": round((self.received - self.consumed) / rate, 3)}
 
 
-def generate(live: LiveStream, vae, dit, portrait: torch.Tensor, recorder: Recorder | None) -> None:
+def generate(live: LiveStream, vae, dit, portrait: torch.Tensor, recorder: Recorder | None, cfg: StreamConfig) -> None:
     """Worker thread: run the one streamer over the connection's audio and hand each frame to the loop."""
     req, d = live.request, dit.cfg
     torch.set_grad_enabled(False)  # grad mode is per thread; the models are shared read-only
@@ -353,8 +355,7 @@ def generate(live: LiveStream, vae, dit, portrait: torch.Tensor, recorder: Recor
     error, recording = None, None
     try:
         t_prev, waited_prev = time.perf_counter(), 0.0
-        for chunk in stream(vae, dit, portrait, AudioSource(recorded_pieces(), req.sample_rate), d.stream,
-                            seed=req.seed):
+        for chunk in stream(vae, dit, portrait, AudioSource(recorded_pieces(), req.sample_rate), cfg, seed=req.seed):
             now = time.perf_counter()
             frames = media.to_uint8(chunk.frames)
             if recorder is not None:
@@ -384,11 +385,13 @@ class LiveServer:
 
     def __init__(self, models: ModelsProvider, max_streams: int = 1, frame_queue: int = 8,
                  max_audio_ahead_s: float = 5.0, record_dir: str | os.PathLike = "out/live",
-                 portrait_path: str | os.PathLike = BUNDLED_PORTRAIT):
+                 portrait_path: str | os.PathLike = BUNDLED_PORTRAIT, chunk_frames: int | None = None):
+        """`chunk_frames`: latent frames per chunk instead of the model's (fewer: less latency, more cost)."""
         if max_streams < 1:
             raise ValueError(f"max_streams must be at least 1, got {max_streams}")
         self.models, self.max_streams, self.frame_queue = models, max_streams, frame_queue
         self.max_audio_ahead_s, self.record_dir, self.portrait_path = max_audio_ahead_s, record_dir, portrait_path
+        self.chunk_frames = chunk_frames
         self.active: set[LiveStream] = set()
         self._models = None
         self._models_lock = threading.Lock()
@@ -403,11 +406,16 @@ class LiveServer:
     async def models_ready(self):
         return await asyncio.get_running_loop().run_in_executor(None, self._load)
 
+    def stream_config(self, dit) -> StreamConfig:
+        if self.chunk_frames is None:
+            return dit.cfg.stream
+        return dataclasses.replace(dit.cfg.stream, chunk_frames=self.chunk_frames)
+
     async def info(self, request: web.Request) -> web.Response:
         vae, dit = await self.models_ready()
         d = dit.cfg
         return web.json_response({"fps": d.fps, "resolution": d.resolution, "sample_rates": list(SAMPLE_RATES),
-                                  "chunk_video_frames": d.stream.chunk_frames * d.temporal_compression,
+                                  "chunk_video_frames": self.stream_config(dit).chunk_frames * d.temporal_compression,
                                   "lookahead_video_frames": chunk_lookahead_frames(d),
                                   "max_streams": self.max_streams, "active_streams": len(self.active),
                                   "max_piece_seconds": MAX_PIECE_SECONDS, "pcm": list(PCM_FORMATS)})
@@ -472,11 +480,12 @@ class LiveServer:
                           int(self.max_audio_ahead_s * req.sample_rate))
         self.active.add(live)
         recorder = Recorder(self.record_dir, d.fps, d.resolution, req.sample_rate) if req.record else None
-        threading.Thread(target=generate, args=(live, vae, dit, portrait, recorder), daemon=True,
+        cfg = self.stream_config(dit)
+        threading.Thread(target=generate, args=(live, vae, dit, portrait, recorder, cfg), daemon=True,
                          name="rest-live-stream").start()
         await ws.send_json({"type": "ready", "fps": d.fps, "resolution": d.resolution, "sample_rate": req.sample_rate,
                             "pcm": req.pcm, "format": req.format, "seed": req.seed, "record": req.record,
-                            "chunk_video_frames": d.stream.chunk_frames * d.temporal_compression,
+                            "chunk_video_frames": cfg.chunk_frames * d.temporal_compression,
                             "lookahead_video_frames": chunk_lookahead_frames(d),
                             "samples_per_frame": req.sample_rate / d.fps, "frame_queue": self.frame_queue,
                             "max_audio_ahead_s": self.max_audio_ahead_s})
