@@ -23,6 +23,7 @@ LOUD, QUIET, ENOUGH = 0.02, 1e-4, 30  # frame loudness (RMS) of speech and of si
 # the mouth of the bundled portrait in the demo model's frames (fractions of the frame)
 MOUTH = (0.31, 0.56, 0.69, 0.75)  # x0, y0, x1, y1
 
+pytest.importorskip("playwright.sync_api", reason="playwright is not installed (scripts/setup_env.sh installs it)")
 pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup_env.sh "
                                                 "installs it with apt-get where apt is available)"),
