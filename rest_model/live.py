@@ -406,6 +406,9 @@ class LiveServer:
     async def models_ready(self):
         return await asyncio.get_running_loop().run_in_executor(None, self._load)
 
+    def bundled_portrait(self, resolution: int) -> torch.Tensor:
+        return media.fit_portrait(media.load_image(self.portrait_path), resolution)
+
     def stream_config(self, dit) -> StreamConfig:
         if self.chunk_frames is None:
             return dit.cfg.stream
@@ -442,19 +445,27 @@ class LiveServer:
                                           f"stream(s) running; try again when one ends")
             return ws
         live = None
+
+        def free():  # before any error goes out, so the client may start again at once
+            if live is not None:
+                live.cancel()  # the generator stops at its next piece of audio; a finished one ignores it
+                self.active.discard(live)
         try:
             vae, dit = await self.models_ready()
             live = await self._start(ws, vae, dit)
             if live is not None:
                 await self._run(ws, live)
         except ProtocolError as e:
+            free()
             await _send_error(ws, e.code, str(e))
         except (ConnectionError, RuntimeError) as e:  # the client went away while we were sending
             log.info("live client gone: %s", e)
+        except Exception as e:  # e.g. the recording folder is not writable: this client hears it, others go on
+            log.exception("live stream could not run")
+            free()
+            await _send_error(ws, "server_error", f"the server could not run this stream: {e}")
         finally:
-            if live is not None:
-                live.cancel()  # the generator stops at its next piece of audio; a finished one ignores it
-                self.active.discard(live)
+            free()
             if not ws.closed:
                 await ws.close()
         return ws
@@ -468,18 +479,18 @@ class LiveServer:
             return None
         if msg.type != WSMsgType.TEXT:
             raise ProtocolError("bad_message", "the first message must be the JSON start message, not binary data")
-        d = dit.cfg
-        req = parse_start(msg.data, d.resolution)
+        d, loop = dit.cfg, asyncio.get_running_loop()
+        # decoding a portrait takes a while: off the event loop, which is moving other streams' frames
+        req = await loop.run_in_executor(None, parse_start, msg.data, d.resolution)
+        portrait = req.portrait
+        if portrait is None:
+            portrait = await loop.run_in_executor(None, self.bundled_portrait, d.resolution)
         if len(self.active) >= self.max_streams:  # another stream started while this one was starting
             raise ProtocolError("busy", f"the server is busy: {len(self.active)} of {self.max_streams} live "
                                         f"stream(s) running; try again when one ends")
-        portrait = req.portrait
-        if portrait is None:
-            portrait = media.fit_portrait(media.load_image(self.portrait_path), d.resolution)
-        live = LiveStream(req, asyncio.get_running_loop(), self.frame_queue,
-                          int(self.max_audio_ahead_s * req.sample_rate))
-        self.active.add(live)
         recorder = Recorder(self.record_dir, d.fps, d.resolution, req.sample_rate) if req.record else None
+        live = LiveStream(req, loop, self.frame_queue, int(self.max_audio_ahead_s * req.sample_rate))
+        self.active.add(live)
         cfg = self.stream_config(dit)
         threading.Thread(target=generate, args=(live, vae, dit, portrait, recorder, cfg), daemon=True,
                          name="rest-live-stream").start()

@@ -454,3 +454,17 @@ def test_comfyui_gets_the_same_page_and_websocket_on_its_own_server(monkeypatch)
     assert status == 200 and msgs[0]["resolution"] == 128 and msgs[-1]["type"] == "end"
     assert [f[0] for f in frames] == list(range(10))
     assert Image.open(io.BytesIO(frames[0][2])).size == (128, 128)
+
+
+def test_a_stream_the_server_cannot_run_is_told_why_and_the_next_one_runs(tiny, tmp_path):
+    vae, dit = tiny
+    blocked = tmp_path / "a_file"
+    blocked.write_text("the recording folder cannot be made here")
+    pieces = _pieces(speech_like(0.4, RATE))
+
+    async def run(client, server):
+        first = await _talk(client, pieces, record=True)
+        return first, await _talk(client, pieces)
+    (_, first), (frames, second) = _serve(vae, dit, run, max_streams=1, record_dir=blocked / "rec")
+    assert first[-1]["code"] == "server_error" and "rec" in first[-1]["message"], first
+    assert second[-1]["type"] == "end" and len(frames) == 10
