@@ -184,6 +184,10 @@ function onFrame(data) {
   }
   const entry = { index, sample, at, late: lateness > 0, bitmap: null };
   S.frames.push(entry);
+  if (S.frames.length > 2 * RING) { // never shown (a stalled output clock): keep memory bounded
+    const old = S.frames.shift();
+    if (old.bitmap && old.bitmap !== "bad") old.bitmap.close();
+  }
   createImageBitmap(new Blob([new Uint8Array(data, HEADER)], { type: "image/jpeg" }))
     .then((bmp) => { entry.bitmap = bmp; }, () => { entry.bitmap = "bad"; });
 }
@@ -202,6 +206,7 @@ function render() {
     c.imageSmoothingQuality = "high";
     c.drawImage(pick.bitmap, 0, 0, c.canvas.width, c.canvas.height);
     pick.bitmap.close();
+    while (S.delays.length > 1 && S.delays[1].from <= pick.sample) S.delays.shift(); // behind us now
     const offset = heard - pick.at; // shown this long after its sound is heard
     ring(S.offsets, offset);
     S.offsetSum += offset; S.offsetCount++;
