@@ -123,6 +123,9 @@ async def session(url: str, wave: torch.Tensor, rate: int, pid: int):
                         break
                 else:
                     break
+            if end is not None and end["type"] == "error":
+                sender.cancel()
+                raise SystemExit(f"the server ended the session: {end}")
             await sender
     rss.append((wave.numel() / rate, rss_mib(pid)))
     return ready, frames, stats, end, rss
@@ -176,7 +179,7 @@ def main() -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "rest_model", "serve", "--port", str(port), "--threads", str(args.threads),
-           "--max-audio-ahead", "30"] + (["--chunk", str(args.chunk)] if args.chunk else [])
+           "--max-audio-ahead", str(args.seconds + 30)] + (["--chunk", str(args.chunk)] if args.chunk else [])
     server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         url = server.stdout.readline().split("open ")[1].split()[0]
@@ -226,6 +229,8 @@ def main() -> int:
         "late_frames": sum(1 for x in late if x > 0),
         "server_rss_mib_start": rss_start, "server_rss_mib_end": rss[-1][1],
         "server_rss_mib_max": max(r for _, r in rss),
+        "server_rss_mib_every_10s": [round(r) for _, r in rss],
+        "real_time": (n - 1) / span >= 0.98 * fps,
     }
     for k, v in figures.items():
         print(f"{k:40s} {v:.3f}" if isinstance(v, float) else f"{k:40s} {v}")

@@ -109,7 +109,6 @@ def cmd_serve(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device("--device", args.device)
-
     vae, dit = _models(args)  # a missing or broken model file is reported now, not at the first visitor
     vae.to(device), dit.to(device)
     if args.chunk is not None:
@@ -166,7 +165,7 @@ def build_parser(wings=()) -> argparse.ArgumentParser:
     s.add_argument("--preset", default="tiny", help="preset for --random-weights (tiny/demo/base)")
     s.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; others are exposed)")
-    s.add_argument("--port", type=int, default=8188 + 100, help="port (default 8288)")
+    s.add_argument("--port", type=int, default=8288, help="port (default 8288)")
     s.add_argument("--max-streams", type=int, help="concurrent live streams (default: 1 on CPU, one per GPU)")
     s.add_argument("--max-audio-ahead", type=float, default=5.0, help="seconds of received audio a stream may "
                    "hold before generating it; beyond, the stream ends with an error (default 5)")

@@ -92,7 +92,7 @@ def test_the_page_shows_the_portrait_talking_in_sync_in_chromium(server, tmp_pat
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
         try:
-            page = browser.new_page(viewport={"width": 1040, "height": 640})
+            page = browser.new_page(viewport={"width": 1000, "height": 760})
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(server)
