@@ -148,6 +148,34 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """The live mode's standalone front door: the page and WebSocket of rest_model.live on one port."""
+    from aiohttp import web
+
+    from . import live
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device("--device", args.device)
+    vae, dit = _models(args)  # a missing or broken model file is reported now, not at the first visitor
+    vae.to(device), dit.to(device)
+    if args.chunk is not None:
+        try:
+            dataclasses.replace(dit.cfg.stream, chunk_frames=args.chunk)
+        except ValueError as e:
+            raise ValueError(f"--chunk: {e}") from None
+    max_streams = live.default_max_streams() if args.max_streams is None else args.max_streams
+    app = live.make_app(lambda: (vae, dit), max_streams, record_dir=args.record_dir,
+                        max_audio_ahead_s=args.max_audio_ahead, chunk_frames=args.chunk)
+    url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}{live.PREFIX}/"
+    if not live.is_loopback(args.host):
+        print(f"WARNING: serving on {args.host}, not loopback: anyone who can reach this port can use the "
+              f"live page and its models. Browsers allow the microphone only on https:// or localhost "
+              f"(see docs/live.md).", file=sys.stderr)
+    print(f"REST live: open {url} (up to {max_streams} stream(s) at once; Ctrl+C stops)", flush=True)
+    web.run_app(app, host=args.host, port=args.port, print=None)
+    return 0
+
+
 def build_parser(wings=()) -> argparse.ArgumentParser:
     """The parser of the core's commands plus each wing module's (its `register(sub)` adds them)."""
     ap = argparse.ArgumentParser(prog="python -m rest_model", description=__doc__)
@@ -181,6 +209,23 @@ def build_parser(wings=()) -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="checkpoint to write")
     e.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     e.set_defaults(fn=cmd_export)
+    s = sub.add_parser("serve", help="live mode: a page where a portrait talks as you speak (WebSocket server)")
+    s.add_argument("--vae", help=f"VAE .safetensors (default: bundled demo {DEMO_VAE.name})")
+    s.add_argument("--dit", help=f"DiT .safetensors (default: bundled demo {DEMO_DIT.name})")
+    s.add_argument("--random-weights", action="store_true", help="untrained model of --preset (smoke test)")
+    s.add_argument("--preset", default="tiny", help="preset for --random-weights (tiny/demo/base)")
+    s.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; others are exposed)")
+    s.add_argument("--port", type=int, default=8288, help="port (default 8288)")
+    s.add_argument("--max-streams", type=int, help="concurrent live streams (default: 1 on CPU, one per GPU)")
+    s.add_argument("--max-audio-ahead", type=float, default=5.0, help="seconds of received audio a stream may "
+                   "hold before generating it; beyond, the stream ends with an error (default 5)")
+    s.add_argument("--chunk", type=int, help="latent frames per chunk (default: the model's; 1 halves the wait "
+                   "for a chunk's audio)")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--record-dir", default="out/live", help="where streams started with record: true are saved")
+    s.set_defaults(fn=cmd_serve)
     for wing in wings:
         wing.register(sub)
     return ap
