@@ -65,3 +65,13 @@ checkpoint.save(SyncExpert(sync_expert_config(p.vae, p.dit)), {str(tmp_path / 'e
     from rest_model import checkpoint
     with pytest.raises(checkpoint.CheckpointError, match="lip-sync expert checkpoint, but a REST VAE was expected"):
         checkpoint.load_vae(tmp_path / "e.safetensors")
+
+
+def test_the_pack_entry_point_can_be_imported_alone():
+    """pytest imports the repository's __init__.py as a lone module when the clone's folder name is no Python
+    identifier (`git clone ... comfyui-rest`); it must then do nothing instead of failing every test."""
+    code = ("import importlib.util; "
+            f"spec = importlib.util.spec_from_file_location('__init__', {str(ROOT / '__init__.py')!r}); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "assert not hasattr(m, 'NODE_CLASS_MAPPINGS')")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests", check=True, timeout=60)
