@@ -40,6 +40,7 @@ DETECT_SIDE = 160  # the finder works on the portrait downscaled to this side (e
 # gives exactly the frames of a center crop, not a copy shifted and rescaled by the finder's jitter.
 ALREADY_FRAMED = (0.10, 0.05)
 
+
 @dataclass(frozen=True)
 class Framing:
     box: tuple[int, int, int, int]  # (left, top, right, bottom) in the original's pixels; may pass its edges
@@ -209,14 +210,6 @@ def find_face(image: torch.Tensor) -> tuple[int, int, int, int] | None:
 # ---------------------------------------------------------------------------------------------
 # framing and paste-back
 # ---------------------------------------------------------------------------------------------
-def _iou(a, b) -> float:
-    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
-    return inter / max(area(a) + area(b) - inter, 1e-9)
-
-
 def _already_framed(box, centre) -> bool:
     side, c_side = box[2] - box[0], centre[2] - centre[0]
     offset = max(abs(box[0] + box[2] - centre[0] - centre[2]), abs(box[1] + box[3] - centre[1] - centre[3])) / 2
