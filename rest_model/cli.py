@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -155,12 +156,13 @@ def build_parser(wings=()) -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="portrait + speech -> talking-head mp4 with the speech track")
     g.add_argument("--image", default=str(DEMO_PORTRAIT), help="portrait image (any size; RGBA/gray ok)")
     g.add_argument("--audio", default=str(DEMO_SPEECH), help="speech audio (any format PyAV reads)")
-    g.add_argument("--out", default="out/talking_head.mp4")
+    g.add_argument("--out", default="out/talking_head.mp4", help=f"video to write: {', '.join(media.OUTPUT_FORMATS)} "
+                   "(H.264 + AAC); written to a hidden temporary file and renamed when complete")
     g.add_argument("--vae", help=f"VAE .safetensors (default: bundled demo {DEMO_VAE.name})")
     g.add_argument("--dit", help=f"DiT .safetensors (default: bundled demo {DEMO_DIT.name})")
     g.add_argument("--random-weights", action="store_true", help="untrained model of --preset (smoke test)")
     g.add_argument("--preset", default="tiny", help="preset for --random-weights (tiny/demo/base)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="noise seed, 0 to 2^64 - 1 (the same seed, the same video)")
     g.add_argument("--steps", type=int, help="Euler steps per chunk (default: the model's)")
     g.add_argument("--chunk", type=int, help="latent frames per chunk (default: the model's)")
     g.add_argument("--context", type=int, help="latent frames in the Context-Cache (default: the model's)")
@@ -188,8 +190,9 @@ def main(argv=None, wings=()) -> int:
     """Run a command; errors become one message and the exit code of their kind (module docstring)."""
     args = build_parser(wings).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        errors.raise_on_sigterm()  # SIGTERM cleans up like Ctrl-C instead of killing mid-write
+        previous = errors.raise_on_sigterm()  # SIGTERM cleans up like Ctrl-C instead of killing mid-write
     try:
         for flag in ("device", "decode_device"):
             if getattr(args, flag, None):
@@ -208,9 +211,12 @@ def main(argv=None, wings=()) -> int:
     except Exception as e:  # noqa: BLE001 - every error leaves as a message and its kind's exit code
         return _report(e)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the atomic writers have already cleaned up
-        print(f"\ninterrupted ({'SIGTERM' if isinstance(e, errors.Terminated) else 'Ctrl-C'}); an output "
-              f"being written was discarded", file=sys.stderr)
+        print(f"\ninterrupted ({'SIGTERM' if isinstance(e, errors.Terminated) else 'Ctrl-C'}): stopped; an output "
+              f"being written was discarded, earlier files are unchanged", file=sys.stderr)
         return errors.exit_code(e)
+    finally:
+        if previous is not None:  # main() may run inside another program (tests, a notebook)
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _report(e: Exception) -> int:

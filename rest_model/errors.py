@@ -66,9 +66,9 @@ def exit_code(e: BaseException) -> int:
     return INTERNAL
 
 
-def raise_on_sigterm() -> None:
+def raise_on_sigterm():
     """Make SIGTERM raise `Terminated` in the main thread (its default kills the process with no cleanup,
-    leaving half-written files); SIGKILL cannot be caught."""
+    leaving half-written files); SIGKILL cannot be caught. Returns the handler it replaced."""
     def handler(signum, frame):
         raise Terminated()
-    signal.signal(signal.SIGTERM, handler)
+    return signal.signal(signal.SIGTERM, handler)

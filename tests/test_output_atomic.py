@@ -6,7 +6,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 import wave as wavmod
 from pathlib import Path
 
@@ -103,22 +102,21 @@ def test_cli_output_errors_come_before_the_first_chunk_with_their_exit_codes(tmp
         assert says in err and "Traceback" not in err, err
 
 
-def _generate(tmp_path, target, seconds=120, **popen):
+def _generate(tmp_path, target, seconds=30, **popen):
     audio = _wav(tmp_path / "long.wav", seconds)
     return subprocess.Popen([sys.executable, "-m", "rest_model", "generate", "--random-weights", "--audio", str(audio),
                              "--out", str(target)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, **popen)
 
 
-def _wait_for_partial(folder: Path, proc, timeout=90):
-    """Until the run writes frames into its hidden file (encoding is under way)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and proc.poll() is None:
-        parts = [p for p in folder.iterdir() if p.name.endswith(".part") and p.stat().st_size > 0]
-        if parts:
-            return parts
-        time.sleep(0.05)
-    raise AssertionError(f"no partial output appeared (exit {proc.poll()}): {proc.stderr.read() if proc.poll() is not None else ''}")
+def _wait_for_chunks(folder: Path, proc, chunks=2) -> list[Path]:
+    """Until the progress bar shows `chunks` chunks written to the hidden file (mid-run); returns that file."""
+    seen = ""
+    while f"chunk {chunks}/" not in seen:
+        c = proc.stderr.read(1)
+        assert c, f"the run ended early (exit {proc.wait()}): {seen}"
+        seen += c
+    return [p for p in folder.iterdir() if p.name.endswith(".part")]
 
 
 @pytest.mark.parametrize("sig, code, says", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
@@ -127,7 +125,7 @@ def test_a_signal_mid_run_keeps_the_earlier_file_and_leaves_no_debris(tmp_path, 
     target.write_bytes(OLD)
     proc = _generate(tmp_path, target)
     try:
-        _wait_for_partial(tmp_path, proc)
+        assert len(_wait_for_chunks(tmp_path, proc)) == 1
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -142,7 +140,7 @@ def test_sigkill_leaves_only_the_hidden_file_never_a_broken_one_under_the_name(t
     target.write_bytes(OLD)
     proc = _generate(tmp_path, target)
     try:
-        parts = _wait_for_partial(tmp_path, proc)
+        parts = _wait_for_chunks(tmp_path, proc)
         proc.kill()  # SIGKILL: no handler runs
         proc.communicate(timeout=60)
     finally:
@@ -150,15 +148,32 @@ def test_sigkill_leaves_only_the_hidden_file_never_a_broken_one_under_the_name(t
     assert target.read_bytes() == OLD and [p.name for p in parts] == _debris(tmp_path)
 
 
-def test_a_full_disk_mid_write_names_the_file_and_keeps_the_earlier_one(tmp_path):
-    """The file-size limit (RLIMIT_FSIZE) makes the kernel refuse writes past 40 kB mid-encoding, as a full disk
-    does (EFBIG instead of ENOSPC, through the same write path)."""
+def test_a_full_disk_mid_stream_keeps_the_earlier_file_and_leaves_no_debris(tmp_path):
+    """The file-size limit (RLIMIT_FSIZE) makes the kernel refuse writes past 100 kB, as a full disk does (EFBIG
+    instead of ENOSPC, through the same write path): the encoder fails a few frames into the stream."""
+    target = tmp_path / "v.mp4"
+    target.write_bytes(OLD)
+    rng = np.random.default_rng(0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        with pytest.raises(WriteError, match=f"cannot write {target}: File too large \\(the earlier file is unchanged"):
+            with media.atomic_video(target, 25) as writer:
+                for _ in range(200):
+                    writer.write((rng.random((1, 128, 128, 3)) * 255).astype(np.uint8))  # noise: ~25 kB a frame
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert 0 < writer.frames < 200  # it failed mid-stream, not at the end
+    assert target.read_bytes() == OLD and _debris(tmp_path) == []
+
+
+def test_the_cli_says_which_file_a_full_disk_stopped(tmp_path):
     target = tmp_path / "talking_head.mp4"
     target.write_bytes(OLD)
 
     def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
-    proc = _generate(tmp_path, target, seconds=20, preexec_fn=limit)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8_000, 8_000))
+    proc = _generate(tmp_path, target, seconds=4, preexec_fn=limit)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 3, err
     assert f"cannot write {target}: File too large (the earlier file is unchanged)" in err and "Traceback" not in err
