@@ -122,9 +122,9 @@ def cmd_generate(args) -> int:
     chunks = stream(vae, dit, portrait, AudioSource.whole(wave, sr), cfg, seed=args.seed, callback=progress,
                     overlap_decode=args.overlap_decode)
     frames = (c.frames for c in chunks)
-    if args.paste_back:  # H.264 wants even sides: the last odd row/column of the portrait is left out
+    if args.paste_back:  # one frame at a time (a photo's frames are large); H.264 wants even sides
         h, w = image.shape[1] // 2 * 2, image.shape[2] // 2 * 2
-        frames = (framing.paste_back(f, image, framed)[:, :, :h, :w] for f in frames)
+        frames = (framing.paste_back(f[i:i + 1], image, framed)[:, :, :h, :w] for f in frames for i in range(len(f)))
     try:
         with media.atomic_video(args.out, fps, audio=wave, sample_rate=sr) as writer:
             for batch in frames:

@@ -23,6 +23,13 @@ def half_body(portrait, scale=3, at=(40, 420), color=(0.35, 0.45, 0.55)):
     return canvas, (left, top, left + s, top + s)
 
 
+def iou(a, b):  # boxes (left, top, right, bottom)
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    return iw * ih / (area(a) + area(b) - iw * ih)
+
+
 def psnr(a, b):  # images in [-1, 1]
     return 10 * math.log10(4 / ((a - b) ** 2).mean().item())
 
@@ -33,7 +40,7 @@ def test_face_mode_finds_the_portrait_in_a_half_body_canvas(portrait, at, color)
     canvas, placed = half_body(portrait, at=at, color=color)
     out, f = frame_portrait(canvas, 128, "face")
     assert f.mode == "face" and f.size == (768, 768) and "face found" in f.message
-    assert framing._iou(f.box, placed) > 0.7
+    assert iou(f.box, placed) > 0.7
     assert f.box[2] - f.box[0] == f.box[3] - f.box[1]
     original = media.fit_portrait(portrait, 128, "center")
     centre = media.fit_portrait(canvas, 128, "center")
@@ -143,3 +150,14 @@ def test_domain_report_warns_below_the_threshold(tiny):
 
     db, warning = framing.domain_report(Identity(), x)
     assert db > 90 and warning is None
+
+
+@pytest.mark.parametrize("crop", [(40, 236, 40, 216), (30, 256, 0, 256)])
+def test_a_tight_close_up_is_framed_at_the_training_scale_past_its_edges(portrait, crop):
+    top, bottom, left, right = crop
+    close_up = portrait[:, top:bottom, left:right]  # the bundled portrait with its margins cut away
+    out, f = frame_portrait(close_up, 128, "face")
+    assert f.mode == "face" and "past the picture's edge" in f.message
+    # the square the training framing asks for is the whole original portrait, most of it off this picture
+    assert iou(f.box, (-left, -top, 256 - left, 256 - top)) > 0.75
+    assert f.box[1] < 0  # past the top: the face is not enlarged to fill the picture
