@@ -36,11 +36,15 @@ PASTE_BACK_TIP = ("Composite the generated face into the original portrait at it
                   "feathered edge (the framing the ID-Context Cache chose). Off: the model's square.")
 
 
-def pasted(frames: torch.Tensor, chunks, even: bool = False) -> torch.Tensor:
-    """Frames [n, 3, s, s] -> the original portrait [n, 3, H, W] with the frames pasted where the face was
-    framed (CPU, where the original is). `even`: H.264 wants even sides, an odd last row/column is left out."""
-    out = paste_back(frames.float().cpu(), chunks.original, chunks.framing)
-    return out[:, :, :out.shape[2] // 2 * 2, :out.shape[3] // 2 * 2] if even else out
+def pasted(frames: torch.Tensor, chunks, even: bool = False) -> Iterator[torch.Tensor]:
+    """Frames [n, 3, s, s] -> each as the original portrait [1, 3, H, W] with the frame pasted where the face
+    was framed (CPU, where the original is), one at a time: a photo's frames are large. `even`: H.264 wants
+    even sides, an odd last row/column is left out."""
+    h, w = chunks.original.shape[1:]
+    if even:
+        h, w = h // 2 * 2, w // 2 * 2
+    for i in range(len(frames)):
+        yield paste_back(frames[i:i + 1].float().cpu(), chunks.original, chunks.framing)[:, :, :h, :w]
 
 
 class RESTDecodeChunk:
@@ -66,12 +70,11 @@ class RESTDecodeChunk:
     def decode(self, vae, chunks, paste_back=False):
         frames, i = None, 0
         with torch.no_grad():
-            for batch in decoded_chunks(vae, chunks):
-                if paste_back:
-                    batch = pasted(batch, chunks)
-                rgb = ((batch.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()  # (n, H, W, 3)
-                if frames is None:  # allocated once, so peak memory is the output plus one chunk
-                    frames = torch.empty(chunks.total_frames, *rgb.shape[1:])
-                frames[i:i + len(rgb)] = rgb
-                i += len(rgb)
+            for chunk in decoded_chunks(vae, chunks):
+                for batch in (pasted(chunk, chunks) if paste_back else [chunk]):
+                    rgb = ((batch.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()  # (n, H, W, 3)
+                    if frames is None:  # allocated once, so peak memory is the output plus one chunk
+                        frames = torch.empty(chunks.total_frames, *rgb.shape[1:])
+                    frames[i:i + len(rgb)] = rgb
+                    i += len(rgb)
         return (frames,)

@@ -70,7 +70,8 @@ def encode_chunks(vae, chunks, path: str, audio: dict | None = None, paste_back:
         wave, sr = audio["waveform"][0], int(audio["sample_rate"])  # [C, S] of the one clip
     with torch.no_grad(), media.atomic_video(path, chunks.fps, wave, sr) as writer:
         for frames in decoded_chunks(vae, chunks):
-            writer.write(pasted(frames, chunks, even=True) if paste_back else frames)
+            for batch in (pasted(frames, chunks, even=True) if paste_back else [frames]):
+                writer.write(batch)
     return writer.frames
 
 

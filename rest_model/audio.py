@@ -40,8 +40,8 @@ def check_waveform(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
         if w.shape[0] != 1:
             raise ValueError(f"audio batch of {w.shape[0]} streams: pass one stream at a time")
         w = w[0]
-    if w.ndim == 2:
-        w = w.float().mean(0)  # channels -> mono
+    if w.ndim == 2:  # channels -> mono; a mono track stays a view (an hour of speech is not copied)
+        w = w[0] if w.shape[0] == 1 else w.float().mean(0)
     if w.ndim != 1:
         raise ValueError(f"audio waveform must be [samples] or [channels, samples], got {tuple(waveform.shape)}")
     if w.numel() == 0:
