@@ -6,7 +6,7 @@ import torch
 
 from rest_model import framing, media
 from rest_model.cli import DEMO_PORTRAIT
-from rest_model.framing import Framing, find_face, frame_portrait, paste_back
+from rest_model.framing import find_face, frame_portrait, paste_back
 
 
 @pytest.fixture(scope="module")

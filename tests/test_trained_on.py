@@ -3,7 +3,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from rest_model import checkpoint
 from rest_model.__main__ import main
