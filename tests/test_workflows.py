@@ -103,13 +103,14 @@ def test_workflows_are_where_the_template_browser_looks():
         assert (ROOT / folder / f"{name}.jpg").is_file(), name
 
 
-def test_readme_pictures_exist():
+def test_readme_pictures_and_links_exist():
     import re
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("<!-- SECTION:comfyui -->"):text.index("<!-- /SECTION:comfyui -->")]
-    pictures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", section)
-    assert len(pictures) >= 3  # the workflows and the output frames
-    for p in pictures:
+    pictures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
+    assert "docs/comfyui_frames.png" in pictures and "docs/live_page.png" in pictures  # the real output, the live page
+    links = re.findall(r"\]\((docs/[^)#]+)\)", text)
+    assert len(text.splitlines()) < 250
+    for p in pictures + links:
         assert (ROOT / p).is_file(), p
 
 
