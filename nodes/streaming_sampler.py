@@ -30,9 +30,7 @@ def check_inputs(dit, cache, audio) -> None:
 def audio_pieces(audio, seconds: float = 1.0) -> AudioSource:
     """The speech as one-second views, as a live stream would get it: the stream's audio timeline then holds
     a window of it, not a second copy of the whole track (10 min of speech at 16 kHz is 38 MB a copy)."""
-    step = max(1, int(audio.sample_rate * seconds))
-    wave = audio.waveform
-    return AudioSource((wave[i:i + step] for i in range(0, wave.numel(), step)), audio.sample_rate)
+    return AudioSource.in_pieces(audio.waveform, audio.sample_rate, seconds)
 
 
 def preview_every(dit_cfg, chunk_frames: int) -> int:

@@ -119,7 +119,7 @@ def cmd_generate(args) -> int:
         bar = "#" * int(30 * done / total)
         print(f"\r[{bar:<30}] chunk {done}/{total}", end="", file=sys.stderr, flush=True)
 
-    chunks = stream(vae, dit, portrait, AudioSource.whole(wave, sr), cfg, seed=args.seed, callback=progress,
+    chunks = stream(vae, dit, portrait, AudioSource.in_pieces(wave, sr), cfg, seed=args.seed, callback=progress,
                     overlap_decode=args.overlap_decode)
     frames = (c.frames for c in chunks)
     if args.paste_back:  # one frame at a time (a photo's frames are large); H.264 wants even sides

@@ -47,6 +47,14 @@ class AudioSource:
         check_waveform(waveform, sample_rate)
         return cls([waveform], sample_rate)
 
+    @classmethod
+    def in_pieces(cls, waveform: torch.Tensor, sample_rate: int, seconds: float = 1.0) -> "AudioSource":
+        """A whole track handed over as views of `seconds` each, as a live stream gets it: the stream's audio
+        timeline then holds a window of it, not a second copy of the whole track (the same frames)."""
+        check_waveform(waveform, sample_rate)
+        step = max(1, int(sample_rate * seconds))
+        return cls((waveform[..., i:i + step] for i in range(0, waveform.shape[-1], step)), sample_rate)
+
 
 @dataclass
 class Chunk:

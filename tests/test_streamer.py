@@ -185,3 +185,23 @@ def test_an_overlapped_stream_stopped_early_leaves_no_decoder_thread(tiny):
     assert all(c.frames is not None for c in first)
     chunks.close()  # the consumer stops (ComfyUI's interrupt, a closed client)
     assert not any(t.name.startswith("rest-vae-decode") for t in threading.enumerate())
+
+
+def test_a_whole_track_handed_over_in_pieces_gives_the_same_frames_without_copying_it(tiny):
+    """AudioSource.in_pieces (the CLI and the nodes feed whole tracks this way, so the stream holds a window of
+    the speech instead of a second copy): views of the caller's tensor, and at the model's rate the frames are
+    bit-identical to handing the track over whole."""
+    vae, dit = tiny
+    sr = dit.audio_encoder.sample_rate
+    wave = torch.stack([speech_like(1.3, sr), speech_like(1.3, sr) * 0.5])  # stereo
+    source = AudioSource.in_pieces(wave, sr, seconds=0.3)
+    pieces = list(source.pieces)
+    assert all(p.untyped_storage().data_ptr() == wave.untyped_storage().data_ptr() for p in pieces)
+    assert sum(p.shape[-1] for p in pieces) == wave.shape[-1]
+    whole = _run(vae, dit, AudioSource.whole(wave, sr))
+    piecewise = _run(vae, dit, AudioSource(iter(pieces), sr))
+    assert len(whole) == len(piecewise)
+    for a, b in zip(whole, piecewise):
+        assert torch.equal(a.frames, b.frames)
+    with pytest.raises(ValueError):
+        AudioSource.in_pieces(torch.zeros(2, 0), sr)
