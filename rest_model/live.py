@@ -57,7 +57,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import av
 import numpy as np
 import torch
 from aiohttp import WSMsgType, web
@@ -199,53 +198,11 @@ def decode_frame_header(data: bytes) -> tuple[int, int, bytes]:
     return index, sample, data[FRAME_HEADER.size:]
 
 
-class Recorder:
-    """mp4 (H.264 + AAC) of a live stream, written as frames and audio arrive (memory flat), under a
-    temporary name in `folder`; `commit()` renames it, `discard()` removes it."""
-
-    def __init__(self, folder: str | os.PathLike, fps: int, size: int, sample_rate: int):
-        os.makedirs(folder, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.path = Path(folder) / f"rest_live_{stamp}_{uuid.uuid4().hex[:6]}.mp4"
-        self.tmp = self.path.with_name("." + self.path.name + ".part")
-        self.container = av.open(str(self.tmp), mode="w", format="mp4")
-        self.video = self.container.add_stream("libx264", rate=fps)
-        self.video.width = self.video.height = size
-        self.video.pix_fmt, self.video.options = "yuv420p", {"crf": "18"}
-        self.audio = self.container.add_stream("aac", rate=sample_rate, layout="mono")
-        self.rate, self.samples, self.frames = sample_rate, 0, 0
-
-    def write_audio(self, samples: torch.Tensor):
-        frame = av.AudioFrame.from_ndarray(samples.clamp(-1, 1).numpy()[None].astype(np.float32),
-                                           format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = self.rate, self.samples
-        self.samples += samples.numel()
-        for packet in self.audio.encode(frame):
-            self.container.mux(packet)
-
-    def write_video(self, frames_uint8: np.ndarray):
-        for arr in frames_uint8:
-            for packet in self.video.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-                self.container.mux(packet)
-            self.frames += 1
-
-    def _close(self):
-        for s in (self.video, self.audio):
-            for packet in s.encode(None):
-                self.container.mux(packet)
-        self.container.close()
-
-    def commit(self) -> str:
-        self._close()
-        os.replace(self.tmp, self.path)
-        return str(self.path)
-
-    def discard(self):
-        try:
-            self.container.close()
-        except Exception:  # a half-written container: the file goes anyway
-            pass
-        self.tmp.unlink(missing_ok=True)
+def open_recording(folder: str | os.PathLike, fps: int, size: int, sample_rate: int) -> media.AtomicVideo:
+    """The mp4 (H.264 + AAC) of a live stream, written as frames and audio arrive (memory flat) through the
+    atomic video output: `commit()` makes it appear under its name, `discard()` removes it."""
+    name = f"rest_live_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:6]}.mp4"
+    return media.atomic_video(Path(folder) / name, fps, width=size, height=size, audio_rate=sample_rate).open()
 
 
 class _Cancelled(Exception):
@@ -341,7 +298,8 @@ class LiveStream:
                 "audio_ahead_s": round((self.received - self.consumed) / rate, 3)}
 
 
-def generate(live: LiveStream, vae, dit, portrait: torch.Tensor, recorder: Recorder | None, cfg: StreamConfig) -> None:
+def generate(live: LiveStream, vae, dit, portrait: torch.Tensor, recorder: media.AtomicVideo | None,
+             cfg: StreamConfig) -> None:
     """Worker thread: run the one streamer over the connection's audio and hand each frame to the loop."""
     req, d = live.request, dit.cfg
     torch.set_grad_enabled(False)  # grad mode is per thread; the models are shared read-only
@@ -349,7 +307,7 @@ def generate(live: LiveStream, vae, dit, portrait: torch.Tensor, recorder: Recor
     def recorded_pieces():
         for piece in live.pieces():
             if recorder is not None:
-                recorder.write_audio(piece)
+                recorder.write_audio(piece.clamp(-1, 1).numpy()[None].astype(np.float32))
             yield piece
 
     error, recording = None, None
@@ -359,7 +317,7 @@ def generate(live: LiveStream, vae, dit, portrait: torch.Tensor, recorder: Recor
             now = time.perf_counter()
             frames = media.to_uint8(chunk.frames)
             if recorder is not None:
-                recorder.write_video(frames)
+                recorder.write(frames)
             for i, frame in enumerate(frames):
                 index = chunk.first_frame + i
                 msg = encode_frame(frame, index, sample_position(index, req.sample_rate, d.fps), req.format)
@@ -488,7 +446,7 @@ class LiveServer:
         if len(self.active) >= self.max_streams:  # another stream started while this one was starting
             raise ProtocolError("busy", f"the server is busy: {len(self.active)} of {self.max_streams} live "
                                         f"stream(s) running; try again when one ends")
-        recorder = Recorder(self.record_dir, d.fps, d.resolution, req.sample_rate) if req.record else None
+        recorder = open_recording(self.record_dir, d.fps, d.resolution, req.sample_rate) if req.record else None
         live = LiveStream(req, loop, self.frame_queue, int(self.max_audio_ahead_s * req.sample_rate))
         self.active.add(live)
         cfg = self.stream_config(dit)

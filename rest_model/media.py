@@ -187,18 +187,21 @@ class VideoWriter:
 
     def __init__(self, path: str | os.PathLike, fps: int, width: int, height: int,
                  audio: torch.Tensor | None = None, sample_rate: int | None = None, crf: int = 18,
-                 format: str | None = None):
+                 format: str | None = None, audio_rate: int | None = None):
         self.path = os.fspath(path)
         self.container = av.open(self.path, mode="w", format=format)
         self.video = self.container.add_stream("libx264", rate=fps)
         self.video.width, self.video.height, self.video.pix_fmt = width, height, "yuv420p"
         self.video.options = {"crf": str(crf)}
         self.frames = 0
-        self.audio_stream = None
+        self.audio_stream, self.wave, self.audio_samples = None, None, 0
         if audio is not None:
             self.wave, self.layout = audio_track(audio, sample_rate)
             self.audio_stream = self.container.add_stream("aac", rate=sample_rate, layout=self.layout)
             self.rate = sample_rate
+        elif audio_rate:  # a mono track that arrives while the video is made (a live stream): write_audio
+            self.layout, self.rate = "mono", audio_rate
+            self.audio_stream = self.container.add_stream("aac", rate=audio_rate, layout="mono")
 
     def write(self, frames_uint8: np.ndarray):
         for arr in frames_uint8:
@@ -206,19 +209,23 @@ class VideoWriter:
                 self.container.mux(packet)
             self.frames += 1
 
+    def write_audio(self, samples: np.ndarray):
+        """The next float32 samples [channels, S] of the sound track, encoded now. pts counts from 0: the AAC
+        encoder's priming then goes out at negative time and the muxer writes an edit list, so a reader (ours
+        included) skips it instead of hearing the speech 1024 samples late."""
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples), format="fltp", layout=self.layout)
+        frame.sample_rate, frame.pts, frame.time_base = self.rate, self.audio_samples, Fraction(1, self.rate)
+        self.audio_samples += samples.shape[1]
+        for packet in self.audio_stream.encode(frame):
+            self.container.mux(packet)
+
     def close(self):
         for packet in self.video.encode():
             self.container.mux(packet)
         if self.audio_stream is not None:
-            # a second at a time, so the track is not copied once more into one huge frame. pts from 0: the AAC
-            # encoder's priming then goes out at negative time and the muxer writes an edit list, so a reader
-            # (ours included) skips it instead of hearing the speech 1024 samples late
-            for start in range(0, self.wave.shape[1], self.rate):
-                piece = np.ascontiguousarray(self.wave[:, start:start + self.rate])
-                frame = av.AudioFrame.from_ndarray(piece, format="fltp", layout=self.layout)
-                frame.sample_rate, frame.pts, frame.time_base = self.rate, start, Fraction(1, self.rate)
-                for packet in self.audio_stream.encode(frame):
-                    self.container.mux(packet)
+            if self.wave is not None:  # a second at a time, so the track is not copied once more into one frame
+                for start in range(0, self.wave.shape[1], self.rate):
+                    self.write_audio(self.wave[:, start:start + self.rate])
             for packet in self.audio_stream.encode(None):
                 self.container.mux(packet)
         self.container.close()
@@ -273,14 +280,19 @@ class AtomicVideo:
     """
 
     def __init__(self, path, fps: int, audio: torch.Tensor | None = None, sample_rate: int | None = None,
-                 width: int | None = None, height: int | None = None, crf: int = 18):
+                 width: int | None = None, height: int | None = None, crf: int = 18, audio_rate: int | None = None):
         self.path, self.fps, self.audio, self.sample_rate, self.crf = os.fspath(path), fps, audio, sample_rate, crf
+        self.audio_rate = audio_rate
         self.size = (width, height) if width and height else None
         self.tmp, self.writer, self.frames = None, None, 0
         if audio is not None and not sample_rate:
             raise InputError("audio given without its sample rate")
 
     def __enter__(self) -> "AtomicVideo":
+        return self.open()
+
+    def open(self) -> "AtomicVideo":
+        """Check the path and create the temporary file (what entering the context does)."""
         self.format = check_output(self.path)
         parent = os.path.dirname(os.path.abspath(self.path))
         name = os.path.basename(self.path)
@@ -302,7 +314,7 @@ class AtomicVideo:
     def _open(self, width: int, height: int):
         try:
             self.writer = VideoWriter(self.tmp, self.fps, width, height, self.audio, self.sample_rate, self.crf,
-                                      format=self.format)
+                                      format=self.format, audio_rate=self.audio_rate)
         except OSError as e:
             raise self._write_error(e) from None
 
@@ -317,20 +329,35 @@ class AtomicVideo:
             raise self._write_error(e) from None
         self.frames = self.writer.frames
 
+    def write_audio(self, samples: np.ndarray) -> None:
+        """Float32 samples [1, S] of a sound track that arrives while the video is made (`audio_rate`; the
+        encoder is open once width and height were given)."""
+        try:
+            self.writer.write_audio(samples)
+        except OSError as e:
+            raise self._write_error(e) from None
+
     def __exit__(self, kind, error, tb) -> None:
         if kind is None:
-            try:
-                if self.writer is not None:
-                    self.writer.close()
-                    _fsync(self.tmp)
-                    os.replace(self.tmp, self.path)
-                    self.tmp = None
-            except OSError as e:
-                self._discard()
-                raise self._write_error(e) from None
-        self._discard()
+            self.commit()
+        self.discard()
 
-    def _discard(self):
+    def commit(self) -> str:
+        """Finish the file and rename it over `path` (what a clean exit of the context does); returns `path`."""
+        try:
+            if self.writer is not None:
+                self.writer.close()
+                _fsync(self.tmp)
+                os.replace(self.tmp, self.path)
+                self.tmp = None
+        except OSError as e:
+            self.discard()
+            raise self._write_error(e) from None
+        self.discard()
+        return self.path
+
+    def discard(self):
+        """Throw the unfinished file away (what leaving the context by an exception does)."""
         if self.writer is not None and self.tmp is not None:
             self.writer.abort()
         if self.tmp is not None:
@@ -342,9 +369,12 @@ class AtomicVideo:
 
 
 def atomic_video(path, fps: int, audio: torch.Tensor | None = None, sample_rate: int | None = None,
-                 width: int | None = None, height: int | None = None, crf: int = 18) -> AtomicVideo:
-    """The atomic streamed video output (see AtomicVideo); width/height given -> the encoder opens on entry."""
-    return AtomicVideo(path, fps, audio, sample_rate, width, height, crf)
+                 width: int | None = None, height: int | None = None, crf: int = 18,
+                 audio_rate: int | None = None) -> AtomicVideo:
+    """The atomic streamed video output (see AtomicVideo); width/height given -> the encoder opens on entry.
+    `audio` is the whole sound track, given up front; `audio_rate` instead opens a mono track that arrives
+    while the video is made (`write_audio`)."""
+    return AtomicVideo(path, fps, audio, sample_rate, width, height, crf, audio_rate)
 
 
 def _fsync(path: str) -> None:
