@@ -99,7 +99,7 @@ def generate_chunk(dit: CausalDiT, cache: IDContextCache, noise: torch.Tensor, a
 def commit_chunk(dit: CausalDiT, cache: IDContextCache, x0: torch.Tensor, audio: torch.Tensor) -> None:
     """Run a finished (clean) chunk once at t = 0 and append its K/V to the Context-Cache."""
     b, k = x0.shape[0], x0.shape[2]
-    cache.append(dit.chunk(x0, torch.zeros(b, k, device=x0.device), audio, cache)[1], k)
+    cache.append(dit.chunk(x0, torch.zeros(b, k, device=x0.device), audio, cache, kv_only=True)[1], k)
 
 
 # torch's CPU generator (mt19937) keeps only the low 32 bits of its seed; a seed >= 2^63 flips them with this

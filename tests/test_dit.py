@@ -104,3 +104,49 @@ def test_wrong_latent_shape_is_named(tiny):
     _, dit = tiny
     with pytest.raises(ValueError, match="latent"):
         dit.id_sink(torch.zeros(1, 3, 1, 4, 4))
+
+
+@torch.no_grad()
+def test_the_commit_pass_gives_the_same_kv_as_a_full_chunk_pass(tiny):
+    """`kv_only` skips the last block's output and the head; the K/V it commits must be the full pass's."""
+    _, dit = tiny
+    x, t, ref, audio = _inputs(dit, 4)
+    cache = IDContextCache(dit.id_sink(ref), 2, dit.cfg.tokens_per_frame)
+    cache.append(dit.chunk(x[:, :, :2], t[:, :2], audio[:, :2], cache)[1], 2)
+    v, full = dit.chunk(x[:, :, 2:], t[:, 2:], audio[:, 2:], cache)
+    none, only = dit.chunk(x[:, :, 2:], t[:, 2:], audio[:, 2:], cache, kv_only=True)
+    assert v is not None and none is None and len(only) == len(full) == len(dit.blocks)
+    assert all(torch.equal(a.k, b.k) and torch.equal(a.v, b.v) for a, b in zip(full, only))
+
+
+def test_rotary_tables_turn_each_pair_by_its_angle():
+    """The cached complex tables against the textbook rotation: pair (2i, 2i+1) of the temporal dims turns by
+    pos * theta^(-2i/dt), of the row dims by row * theta^(-2i/dh), of the column dims by col * ...; nothing else."""
+    from rest_model import rope
+    g = torch.Generator().manual_seed(0)
+    d, h, w, theta = 16, 2, 3, 100.0
+    dt, dh, dw = rope.split(d)
+    x = torch.randn(1, 2, 2 * h * w, d, generator=g)
+    pos = torch.tensor([-3, 1])
+
+    def turn(x, lo, n, angle):  # angle (tokens,) per token; dims [lo, lo + n) in pairs
+        out = x.clone()
+        for i in range(n // 2):
+            a, b = x[..., lo + 2 * i], x[..., lo + 2 * i + 1]
+            f = theta ** (-2 * i / n)
+            c, s = torch.cos(angle * f), torch.sin(angle * f)
+            out[..., lo + 2 * i], out[..., lo + 2 * i + 1] = a * c - b * s, a * s + b * c
+        return out
+
+    rows = torch.arange(h).repeat_interleave(w).float().repeat(2)
+    cols = torch.arange(w).repeat(h).float().repeat(2)
+    frames = pos.float().repeat_interleave(h * w)
+    space = turn(turn(x, dt, dh, rows), dt + dh, dw, cols)
+    torch.testing.assert_close(rope.rotate_space(x, h, w, theta), space)
+    torch.testing.assert_close(rope.rotate_time(x, pos, h * w, theta), turn(x, 0, dt, frames))
+    torch.testing.assert_close(rope.rotate_space_time(x, h, w, pos, theta), turn(space, 0, dt, frames))
+    qkv = torch.randn(1, h * w, 3 * 2 * d, generator=g)  # keys as the DiT reads them: a strided view of qkv
+    k = qkv.unflatten(-1, (3, 2, d))[:, :, 1].transpose(1, 2)
+    assert not k.is_contiguous()
+    torch.testing.assert_close(rope.rotate_space(k, h, w, theta),
+                               turn(turn(k, dt, dh, rows[:h * w]), dt + dh, dw, cols[:h * w]))
