@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -156,7 +157,10 @@ def cmd_serve(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device("--device", args.device)
-    vae, dit = _models(args)  # a missing or broken model file is reported now, not at the first visitor
+    # a missing or broken model file is reported now, not at the first visitor; loaded on a thread that ends,
+    # so the main thread keeps no OpenMP team to slow the stream threads down (live.on_passing_thread)
+    with ThreadPoolExecutor(1) as pool:
+        vae, dit = pool.submit(_models, args).result()
     vae.to(device), dit.to(device)
     if args.chunk is not None:
         try:
@@ -165,7 +169,8 @@ def cmd_serve(args) -> int:
             raise ValueError(f"--chunk: {e}") from None
     max_streams = live.default_max_streams() if args.max_streams is None else args.max_streams
     app = live.make_app(lambda: (vae, dit), max_streams, record_dir=args.record_dir,
-                        max_audio_ahead_s=args.max_audio_ahead, chunk_frames=args.chunk)
+                        max_audio_ahead_s=args.max_audio_ahead, chunk_frames=args.chunk,
+                        overlap_decode=args.overlap_decode)
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}{live.PREFIX}/"
     if not live.is_loopback(args.host):
         print(f"WARNING: serving on {args.host}, not loopback: anyone who can reach this port can use the "
@@ -223,6 +228,9 @@ def build_parser(wings=()) -> argparse.ArgumentParser:
     s.add_argument("--chunk", type=int, help="latent frames per chunk (default: the model's; 1 halves the wait "
                    "for a chunk's audio)")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    s.add_argument("--overlap-decode", action=argparse.BooleanOptionalAction, default=False,
+                   help="decode each chunk with the VAE on a second thread while the DiT makes the next one; a "
+                   "chunk goes out as soon as it is decoded (no added latency)")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--record-dir", default="out/live", help="where streams started with record: true are saved")
     s.set_defaults(fn=cmd_serve)

@@ -53,6 +53,7 @@ import struct
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -205,6 +206,19 @@ def open_recording(folder: str | os.PathLike, fps: int, size: int, sample_rate: 
     return media.atomic_video(Path(folder) / name, fps, width=size, height=size, audio_rate=sample_rate).open()
 
 
+async def on_passing_thread(fn, *args):
+    """`await fn(*args)` run on a thread of its own that ends with it: how the live server runs torch work.
+
+    A thread's OpenMP team (libgomp, torch's CPU threads) lives as long as the thread, and once more threads
+    hold one than the machine has cores, libgomp makes every team's workers sleep between parallel regions
+    instead of spinning: each of the DiT's ~1000 small ops per call then waits for a wake-up. Model loading
+    left on the main thread or on a pooled executor thread made the stream's generator thread 1.6x slower on
+    2 cores (25 vs 40 fps, the same stream; bench/live_bench.py).
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="rest-live-torch") as pool:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+
 class _Cancelled(Exception):
     pass
 
@@ -298,8 +312,29 @@ class LiveStream:
                 "audio_ahead_s": round((self.received - self.consumed) / rate, 3)}
 
 
+def measure_compute(vae, dit, cfg: StreamConfig, overlap_decode: bool = False, chunks: int = 6) -> float:
+    """Seconds one chunk takes here: the median over a short silent stream, run when the models load. It also
+    warms the kernels up, so a user's first chunk is not the slow one. The page plans its first playout
+    delay with it (chunk + look-ahead + this + transport), before any frame of its own has arrived."""
+    d = dit.cfg
+    n = ((chunks * cfg.chunk_frames + 2) * d.temporal_compression + chunk_lookahead_frames(d)) * d.audio.samples_per_frame
+    portrait = torch.zeros(3, d.resolution, d.resolution)
+    times, t = [], [time.perf_counter()]
+
+    def tick(chunk):
+        now = time.perf_counter()
+        times.append(now - t[0])
+        t[0] = now
+    with torch.no_grad():
+        for _ in stream(vae, dit, portrait, AudioSource.whole(torch.zeros(n), dit.audio_encoder.sample_rate), cfg,
+                        callback=tick, overlap_decode=overlap_decode):
+            pass
+    steady = sorted(times[1:-1] or times)  # the first chunk also made the ID-Sink; the last one is short
+    return steady[len(steady) // 2]
+
+
 def generate(live: LiveStream, vae, dit, portrait: torch.Tensor, recorder: media.AtomicVideo | None,
-             cfg: StreamConfig) -> None:
+             cfg: StreamConfig, overlap_decode: bool = False) -> None:
     """Worker thread: run the one streamer over the connection's audio and hand each frame to the loop."""
     req, d = live.request, dit.cfg
     torch.set_grad_enabled(False)  # grad mode is per thread; the models are shared read-only
@@ -313,7 +348,8 @@ def generate(live: LiveStream, vae, dit, portrait: torch.Tensor, recorder: media
     error, recording = None, None
     try:
         t_prev, waited_prev = time.perf_counter(), 0.0
-        for chunk in stream(vae, dit, portrait, AudioSource(recorded_pieces(), req.sample_rate), cfg, seed=req.seed):
+        for chunk in stream(vae, dit, portrait, AudioSource(recorded_pieces(), req.sample_rate), cfg, seed=req.seed,
+                            overlap_decode=overlap_decode):
             now = time.perf_counter()
             frames = media.to_uint8(chunk.frames)
             if recorder is not None:
@@ -343,26 +379,32 @@ class LiveServer:
 
     def __init__(self, models: ModelsProvider, max_streams: int = 1, frame_queue: int = 8,
                  max_audio_ahead_s: float = 5.0, record_dir: str | os.PathLike = "out/live",
-                 portrait_path: str | os.PathLike = BUNDLED_PORTRAIT, chunk_frames: int | None = None):
-        """`chunk_frames`: latent frames per chunk instead of the model's (fewer: less latency, more cost)."""
+                 portrait_path: str | os.PathLike = BUNDLED_PORTRAIT, chunk_frames: int | None = None,
+                 overlap_decode: bool = False):
+        """`chunk_frames`: latent frames per chunk instead of the model's (fewer: less latency, more cost).
+        `overlap_decode`: the streamer's VAE decode on a second thread (streamer.stream)."""
         if max_streams < 1:
             raise ValueError(f"max_streams must be at least 1, got {max_streams}")
         self.models, self.max_streams, self.frame_queue = models, max_streams, frame_queue
         self.max_audio_ahead_s, self.record_dir, self.portrait_path = max_audio_ahead_s, record_dir, portrait_path
-        self.chunk_frames = chunk_frames
+        self.chunk_frames, self.overlap_decode = chunk_frames, overlap_decode
         self.active: set[LiveStream] = set()
         self._models = None
         self._models_lock = threading.Lock()
+        self.compute_s: float | None = None  # one chunk's compute, measured when the models load
 
     def _load(self):
         with self._models_lock:  # loaded once, on first use, then shared read-only
             if self._models is None:
                 vae, dit = self.models()
-                self._models = (vae.eval(), dit.eval())
+                vae, dit = vae.eval(), dit.eval()
+                self.compute_s = measure_compute(vae, dit, self.stream_config(dit), self.overlap_decode)
+                log.info("live: one chunk takes %.0f ms here", 1000 * self.compute_s)
+                self._models = (vae, dit)
         return self._models
 
     async def models_ready(self):
-        return await asyncio.get_running_loop().run_in_executor(None, self._load)
+        return await on_passing_thread(self._load)
 
     def bundled_portrait(self, resolution: int) -> torch.Tensor:
         return media.fit_portrait(media.load_image(self.portrait_path), resolution)
@@ -378,6 +420,7 @@ class LiveServer:
         return web.json_response({"fps": d.fps, "resolution": d.resolution, "sample_rates": list(SAMPLE_RATES),
                                   "chunk_video_frames": self.stream_config(dit).chunk_frames * d.temporal_compression,
                                   "lookahead_video_frames": chunk_lookahead_frames(d),
+                                  "compute_s_per_chunk": self.compute_s,
                                   "max_streams": self.max_streams, "active_streams": len(self.active),
                                   "max_piece_seconds": MAX_PIECE_SECONDS, "pcm": list(PCM_FORMATS)})
 
@@ -439,10 +482,10 @@ class LiveServer:
             raise ProtocolError("bad_message", "the first message must be the JSON start message, not binary data")
         d, loop = dit.cfg, asyncio.get_running_loop()
         # decoding a portrait takes a while: off the event loop, which is moving other streams' frames
-        req = await loop.run_in_executor(None, parse_start, msg.data, d.resolution)
+        req = await on_passing_thread(parse_start, msg.data, d.resolution)
         portrait = req.portrait
         if portrait is None:
-            portrait = await loop.run_in_executor(None, self.bundled_portrait, d.resolution)
+            portrait = await on_passing_thread(self.bundled_portrait, d.resolution)
         if len(self.active) >= self.max_streams:  # another stream started while this one was starting
             raise ProtocolError("busy", f"the server is busy: {len(self.active)} of {self.max_streams} live "
                                         f"stream(s) running; try again when one ends")
@@ -450,12 +493,12 @@ class LiveServer:
         live = LiveStream(req, loop, self.frame_queue, int(self.max_audio_ahead_s * req.sample_rate))
         self.active.add(live)
         cfg = self.stream_config(dit)
-        threading.Thread(target=generate, args=(live, vae, dit, portrait, recorder, cfg), daemon=True,
+        threading.Thread(target=generate, args=(live, vae, dit, portrait, recorder, cfg, self.overlap_decode), daemon=True,
                          name="rest-live-stream").start()
         await ws.send_json({"type": "ready", "fps": d.fps, "resolution": d.resolution, "sample_rate": req.sample_rate,
                             "pcm": req.pcm, "format": req.format, "seed": req.seed, "record": req.record,
                             "chunk_video_frames": cfg.chunk_frames * d.temporal_compression,
-                            "lookahead_video_frames": chunk_lookahead_frames(d),
+                            "lookahead_video_frames": chunk_lookahead_frames(d), "compute_s_per_chunk": self.compute_s,
                             "samples_per_frame": req.sample_rate / d.fps, "frame_queue": self.frame_queue,
                             "max_audio_ahead_s": self.max_audio_ahead_s})
         return live

@@ -468,3 +468,79 @@ def test_a_stream_the_server_cannot_run_is_told_why_and_the_next_one_runs(tiny, 
     (_, first), (frames, second) = _serve(vae, dit, run, max_streams=1, record_dir=blocked / "rec")
     assert first[-1]["code"] == "server_error" and "rec" in first[-1]["message"], first
     assert second[-1]["type"] == "end" and len(frames) == 10
+
+
+def test_the_server_measures_a_chunk_when_the_models_load_and_tells_the_page(tiny):
+    vae, dit = tiny
+
+    async def run(client, server):
+        info = await (await client.get(live.PREFIX + "/info")).json()
+        frames, msgs = await _talk(client, _pieces(speech_like(0.5, RATE)))
+        return info, msgs[0], server.compute_s
+    info, ready, measured = _serve(vae, dit, run)
+    assert ready["type"] == "ready" and 0 < measured < 10
+    assert info["compute_s_per_chunk"] == ready["compute_s_per_chunk"] == measured
+
+
+def test_torch_work_runs_on_threads_that_end_not_on_the_loop_or_a_pooled_thread(tiny, monkeypatch):
+    """A thread that keeps an OpenMP team slows every other thread's torch ops down (live.on_passing_thread):
+    loading, the warm-up, the portrait and the stream itself run on threads that are gone afterwards."""
+    vae, dit = tiny
+    ran = []
+    parse = live.parse_start
+    monkeypatch.setattr(live, "parse_start", lambda *a: (ran.append(threading.current_thread()), parse(*a))[1])
+    real = live.generate
+    alive_at_start = []
+
+    def generate(*a):  # while the stream runs, the threads that loaded and parsed must be gone already
+        alive_at_start.extend(t.is_alive() for t in ran)
+        ran.append(threading.current_thread())
+        return real(*a)
+    monkeypatch.setattr(live, "generate", generate)
+
+    def models():
+        ran.append(threading.current_thread())
+        return vae, dit
+
+    async def run(client, server):
+        return await _talk(client, _pieces(speech_like(0.5, RATE)))
+    app = live.make_app(models)
+
+    async def main():
+        async with test_utils.TestClient(test_utils.TestServer(app)) as client:
+            return await run(client, app[live.LIVE_KEY])
+    frames, msgs = asyncio.run(main())
+    assert msgs[-1]["type"] == "end" and len(frames) > 0
+    time.sleep(0.2)  # the generator thread ends right after its last frame
+    assert len(ran) == 3 and len(set(ran)) == 3, ran
+    assert alive_at_start == [False, False], "a thread that did torch work outlived it"
+    assert all(t is not threading.main_thread() and not t.is_alive() for t in ran), ran
+
+
+def test_an_overlapped_decode_hands_each_chunk_out_before_the_next_chunks_audio_is_in(tiny):
+    """With the VAE decode on a second thread a chunk goes out as soon as it is decoded (checked between audio
+    pieces), not after the next chunk is made: no added latency live; and the frames are the in-line ones."""
+    from rest_model.audio import chunk_lookahead_frames
+    vae, dit = tiny
+    d = dit.cfg
+    spf = RATE // d.fps
+    wave = speech_like(1.5, RATE)
+    pieces = [wave[i:i + spf] for i in range(0, wave.numel(), spf)]  # one video frame of audio each
+    portrait = media.fit_portrait(media.load_image(live.BUNDLED_PORTRAIT), d.resolution)
+    consumed = [0]
+
+    def live_pieces():
+        for p in pieces:
+            time.sleep(0.01)  # audio arrives over time, as it does live
+            consumed[0] += 1
+            yield p
+    out = []
+    for c in stream(vae, dit, portrait, AudioSource(live_pieces(), RATE), d.stream, seed=3, overlap_decode=True):
+        out.append((c, consumed[0]))
+    inline = list(stream(vae, dit, portrait, AudioSource(iter(pieces), RATE), d.stream, seed=3))
+    assert len(out) == len(inline) > 3
+    assert all(torch.equal(a.frames, b.frames) for (a, _), b in zip(out, inline))
+    per_chunk = d.stream.chunk_frames * d.temporal_compression
+    for c, frames_in in out[:-2]:
+        next_needs = (c.index + 2) * per_chunk + chunk_lookahead_frames(d)  # the next chunk's last frame + look-ahead
+        assert frames_in < next_needs, f"chunk {c.index} went out after {frames_in} frames of audio, not before {next_needs}"
