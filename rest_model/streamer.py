@@ -11,7 +11,8 @@ Nodes, the command line, benchmarks and any live server call `stream`; none reim
 
 With `overlap_decode` step d runs on a worker thread (on its own CUDA stream, or on the VAE's own device
 when the VAE sits on another GPU than the DiT: TalkingMachines' disaggregation), so the DiT denoises
-chunk j + 1 while the VAE decodes chunk j; each chunk then comes out one chunk later, bit-identical.
+chunk j + 1 while the VAE decodes chunk j; bit-identical. A chunk comes out as soon as its decode is done
+when the stream is waiting for audio anyway (live: no added latency), else after the next chunk is made.
 
 Memory is constant: the cache keeps a fixed window, the audio timeline is trimmed behind the chunk,
 and the decoder carries a fixed number of frames.
@@ -179,8 +180,9 @@ def stream(vae: CausalVAE | None, dit: CausalDiT, portrait: torch.Tensor | None,
     `callback(chunk)` is called after each chunk: progress bars and interrupts plug in there.
     `id_sink`: the portrait's ID-Sink K/V when already computed (the ID-Context Cache node), so it is
     computed once per portrait, not once per run; the Context-Cache always starts empty.
-    `overlap_decode`: decode chunk j on a worker while the DiT makes chunk j + 1 (throughput for one
-    chunk of latency; the frames are the same). The VAE may sit on another device than the DiT.
+    `overlap_decode`: decode chunk j on a worker while the DiT makes chunk j + 1 (throughput; the frames are
+    the same; offline a chunk comes out one chunk later, live as soon as it is decoded). The VAE may sit on
+    another device than the DiT.
     With `decode=False` and an `id_sink`, neither the VAE nor the portrait is needed (None): the stream
     makes latent chunks only, which whoever holds the VAE decodes (the ComfyUI sampler node).
     """
@@ -219,6 +221,8 @@ def stream(vae: CausalVAE | None, dit: CausalDiT, portrait: torch.Tensor | None,
         for j in itertools.count():
             f0, f1 = j * k * tc, (j + 1) * k * tc  # this chunk's video frames
             while not timeline.available(f1 + lookahead):  # wait for the audio the chunk needs
+                while pending and pending[0][1] is not None and pending[0][1].done():
+                    yield hand_out(*pending.popleft())  # decoded while the audio came: out now, not a chunk later
                 piece = next(pieces, None)
                 if piece is None:
                     timeline.push(resampler.finish())
