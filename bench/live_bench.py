@@ -1,6 +1,6 @@
 """Live mode benchmark (printed figures, not a test): one real-time session against `python -m rest_model serve`.
 
-    python bench/live_bench.py [--seconds 60] [--threads 2] [--chunk K] [--rate 48000] [--json out.json]
+    python bench/live_bench.py [--seconds 60] [--threads 2] [--chunk K] [--overlap-decode] [--rate 48000] [--json out.json]
 
 A client on this machine plays the page's part: it sends speech (the bundled speech.wav cut into
 utterances of 1-3 s, each after 1.5 s of silence) in 20 ms PCM pieces paced by its own sample clock,
@@ -10,7 +10,8 @@ Figures:
 - mouth-to-screen latency per speech onset: the first frame whose mouth region moves (its change beats the
   preceding silence's mean + 4 sd), from the moment the onset sample entered the client: on arrival, and
   as the page shows it (the page plays sound and frames together after a playout delay that covers
-  the arrival latency, so what a user sees is that delay plus the frames the mouth takes to move);
+  the arrival latency, so what a user sees is that delay plus the frames the mouth takes to move; the
+  page's delay rule is replayed on the session by `page_playout`);
 - where a frame's time goes: waiting for the rest of its chunk's audio, the audio look-ahead, compute
   (the server's own per-chunk figure), and the rest (transport, JPEG, 20 ms pieces);
 - sustained fps, frames dropped, the A/V offset on the client's clock in the first and last minute (a
@@ -46,7 +47,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIECE_S = 0.02
 MOUTH = (0.31, 0.56, 0.69, 0.75)  # x0, y0, x1, y1 of the bundled portrait's mouth, fractions of the frame
 SILENCE_S = 1.5
-PAGE_START_MARGIN_S, PAGE_LATE_MARGIN_S = 0.25, 0.04  # the page's playout delay rule (live.js)
+# the page's playout delay rule (rest_model/live_page/live.js), replayed by `page_playout`
+PAGE_TRANSPORT_S, PAGE_LATE_MARGIN_S, PAGE_MAX_DELAY_S = 0.05, 0.04, 5.0
+PAGE_QUIET_RMS, PAGE_QUIET_S, PAGE_SHRINK_EVERY_S, PAGE_SHRINK_MIN_S, PAGE_NEED_FRAMES = 0.003, 0.2, 1.0, 0.02, 250
 
 
 def program(seconds: float, rate: int, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
@@ -131,7 +134,7 @@ async def session(url: str, wave: torch.Tensor, rate: int, pid: int):
     return ready, frames, stats, end, rss
 
 
-def onset_latencies(frames, onsets, rate, fps, look, delay_s):
+def onset_latencies(frames, onsets, rate, fps, look, shown_at):
     """Per onset: (latency on arrival, latency as the page shows it, frames the mouth took) or None."""
     by_index = {f[0]: f for f in frames}
     out = []
@@ -146,21 +149,49 @@ def onset_latencies(frames, onsets, rate, fps, look, delay_s):
             out.append(None)
             continue
         arrival = by_index[moved][2] - s_on / rate
-        shown = delay_s + (moved - f_on) / fps
+        shown = shown_at[moved] - s_on / rate
         out.append((arrival, shown, moved - f_on))
     return out
 
 
-def page_playout(frames, rate, first_delay):
-    """The page's playout delay rule replayed on the arrivals: (delay at start, at end, per-frame lateness)."""
-    late, delay = [], first_delay
-    for index, sample, arrival, _ in frames:
-        slot = delay + sample / rate
-        lateness = arrival + PAGE_LATE_MARGIN_S - slot
-        late.append(max(0.0, arrival - slot))
-        if lateness > 0:
-            delay = min(delay + lateness + PAGE_LATE_MARGIN_S, 5.0)
-    return first_delay, delay, late
+def page_playout(frames, wave, rate, first_delay):
+    """The page's playout delay rule replayed on the session: the delay starts at `first_delay`, grows by a late
+    frame's lateness + margin, and in a pause of the voice shrinks back to what the last frames needed.
+
+    -> (when each frame index is shown, its lateness (0 when on time), the delay per frame, number of shrinks);
+    times on the client's clock, 0 = sample 0 entering."""
+    piece = int(PIECE_S * rate)
+    events = [(p / rate, 0, p) for p in range(0, wave.numel(), piece)]  # a piece is captured (its first sample)
+    events += [(arrival, 1, i) for i, (index, sample, arrival, _) in enumerate(frames)]
+    delay, segments, needs, quiet_from, last_shrink, shrinks = first_delay, [(0, first_delay)], [], None, -1e9, 0
+    shown, late, delays = {}, [], []
+
+    def delay_at(sample):
+        return next(d for s, d in reversed(segments) if s <= sample)
+    for t, kind, x in sorted(events):
+        if kind == 0:  # live.js onPiece -> shrinkInSilence
+            if float(wave[x: x + piece].pow(2).mean().sqrt()) >= PAGE_QUIET_RMS:
+                quiet_from = None
+            else:
+                quiet_from = x if quiet_from is None else quiet_from
+                if ((x - quiet_from) / rate >= PAGE_QUIET_S and len(needs) >= PAGE_NEED_FRAMES // 5
+                        and t - last_shrink >= PAGE_SHRINK_EVERY_S):
+                    target = max(needs[-PAGE_NEED_FRAMES:]) + PAGE_LATE_MARGIN_S
+                    if delay - target >= PAGE_SHRINK_MIN_S:
+                        delay, last_shrink, shrinks = target, t, shrinks + 1
+            if delay != segments[-1][1]:
+                segments.append((x, delay))
+        else:  # live.js onFrame
+            index, sample, arrival, _ = frames[x]
+            needs.append(arrival - sample / rate)
+            slot = delay_at(sample) + sample / rate
+            lateness = arrival + PAGE_LATE_MARGIN_S - slot
+            late.append(max(0.0, arrival - slot))
+            shown[index] = max(slot, arrival)
+            delays.append(delay_at(sample))
+            if lateness > 0:
+                delay = min(delay + lateness + PAGE_LATE_MARGIN_S, PAGE_MAX_DELAY_S)
+    return shown, late, delays, shrinks
 
 
 def pct(xs, q):
@@ -172,6 +203,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=60.0, help="session length (real time; at least 60)")
     ap.add_argument("--threads", type=int, default=2, help="the server's torch threads")
     ap.add_argument("--chunk", type=int, help="latent frames per chunk (default: the model's)")
+    ap.add_argument("--overlap-decode", action="store_true", help="the server decodes on a second thread")
     ap.add_argument("--rate", type=int, default=48000, help="the client's sample rate (a browser's is 48000)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
@@ -179,7 +211,8 @@ def main() -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "rest_model", "serve", "--port", str(port), "--threads", str(args.threads),
-           "--max-audio-ahead", str(args.seconds + 30)] + (["--chunk", str(args.chunk)] if args.chunk else [])
+           "--max-audio-ahead", str(args.seconds + 30)] + (["--chunk", str(args.chunk)] if args.chunk else []) \
+        + (["--overlap-decode"] if args.overlap_decode else [])
     server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         url = server.stdout.readline().split("open ")[1].split()[0]
@@ -191,14 +224,14 @@ def main() -> int:
         server.wait(10)
     fps, rate = ready["fps"], args.rate
     chunk_v, look = ready["chunk_video_frames"], ready["lookahead_video_frames"]
-    start_delay = (chunk_v + look) / fps + PAGE_START_MARGIN_S
+    start_delay = (chunk_v + look) / fps + PIECE_S + (ready.get("compute_s_per_chunk") or 0.2) + PAGE_TRANSPORT_S
     n = len(frames)
     assert end is not None and end["type"] == "end", end
     exact = all(s == i * rate // fps for i, s, _, _ in frames)
     # arrival after the frame's own audio was complete at the client
     after_own = [a - (s + rate / fps) / rate for _, s, a, _ in frames]
-    first_delay, last_delay, late = page_playout(frames, rate, start_delay)
-    lat = onset_latencies(frames, onsets, rate, fps, look, last_delay)
+    shown_at, late, delays, shrinks = page_playout(frames, wave, rate, start_delay)
+    lat = onset_latencies(frames, onsets, rate, fps, look, shown_at)
     found = [x for x in lat if x is not None]
     compute = [m["compute_ms_per_chunk"] / 1000 for m in stats if m.get("compute_ms_per_chunk")]
     minute = min(60.0, args.seconds / 2)
@@ -209,7 +242,7 @@ def main() -> int:
     figures = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores visible, load average {os.getloadavg()[0]:.1f} at the end",
-        "torch_threads": args.threads, "seconds": args.seconds, "client_rate": rate,
+        "torch_threads": args.threads, "overlap_decode": args.overlap_decode, "seconds": args.seconds, "client_rate": rate,
         "chunk_video_frames": chunk_v, "lookahead_video_frames": look,
         "frames_received": n, "frames_made": end["frames_made"], "frames_dropped": end["frames_dropped"],
         "sustained_fps": (n - 1) / span, "sample_positions_exact": exact,
@@ -223,7 +256,9 @@ def main() -> int:
         "budget_chunk_wait_s": chunk_wait, "budget_lookahead_s": look / fps,
         "budget_compute_s": pct(compute, 50),
         "budget_rest_s": pct(after_own, 50) - chunk_wait - look / fps - pct(compute, 50),
-        "page_playout_delay_start_s": first_delay, "page_playout_delay_end_s": last_delay,
+        "page_playout_delay_start_s": start_delay, "page_playout_delay_end_s": delays[-1],
+        "page_playout_delay_median_s": pct(delays, 50), "page_playout_delay_max_s": max(delays),
+        "page_delay_shrinks": shrinks, "server_compute_s_per_chunk_at_load": ready.get("compute_s_per_chunk"),
         "av_offset_first_minute_mean_s": float(np.mean(first_min)), "av_offset_first_minute_max_s": max(first_min),
         "av_offset_last_minute_mean_s": float(np.mean(last_min)), "av_offset_last_minute_max_s": max(last_min),
         "late_frames": sum(1 for x in late if x > 0),

@@ -113,6 +113,12 @@ def test_the_page_shows_the_portrait_talking_in_sync_in_chromium(server, tmp_pat
             shot = os.environ.get("REST_LIVE_SCREENSHOT")
             if shot:
                 page.screenshot(path=shot)
+            # a hiccup raised the playout delay by a second: in the next pause of the voice it comes back down
+            raised = page.evaluate("S.delay += 1.0")
+            page.wait_for_function(f"S.shrinks >= 1 && S.delay < {raised - 0.5}", timeout=30000, polling=100)
+            after_shrink = page.evaluate("[S.delay, window.mouth.length]")
+            page.wait_for_function(f"window.mouth.length >= {after_shrink[1] + 25}", timeout=30000, polling=200)
+            mouth_after = page.evaluate(f"window.mouth.slice({after_shrink[1]})")
             page.click("#stop")
             page.wait_for_function("['ended', 'error'].includes(window.restLive.state)", timeout=60000)
             assert page.evaluate("window.restLive.state") == "ended", page.evaluate("window.restLive.error")
@@ -131,8 +137,12 @@ def test_the_page_shows_the_portrait_talking_in_sync_in_chromium(server, tmp_pat
     assert len(on_time) > 20, len(on_time)
     p95 = on_time[int(0.95 * len(on_time))]
     assert p95 <= 0.040 and sum(on_time) / len(on_time) <= 0.020, (p95, on_time[-5:])
-    # frames come late (the page then adds delay) only when the server is slower than real time: on a
-    # machine shared with other work; alone, 2 cores make the demo model's 25 fps with room to spare
+    # the page starts with the smallest delay the server's measured compute allows, so a few of the first
+    # frames may come late (the page then adds delay); once settled, frames come late only when the server
+    # is slower than real time (a machine shared with other work)
     if figures["fpsMade"] is not None and figures["fpsMade"] >= 24.5:
-        assert figures["late"] <= 2 and figures["dropped"] == 0, figures
-    print(f"browser: {figures}")
+        assert sum(m["late"] for m in mouth[2 * ENOUGH:]) <= 2 and figures["dropped"] == 0, figures
+    # and frames stay in sync after the delay came down (the sound skipped a few ms of silence to follow it)
+    on_time_after = sorted(abs(m["offset"]) for m in mouth_after if not m["late"])
+    assert len(on_time_after) >= 20 and on_time_after[len(on_time_after) // 2] <= 0.020, on_time_after
+    print(f"browser: {figures}; delay {raised:.2f} s -> {after_shrink[0]:.2f} s in a pause")

@@ -7,8 +7,12 @@
 const $ = (id) => document.getElementById(id);
 const HEADER = 16; // "REST", frame index uint32, sample position uint64 (little-endian)
 const PIECE_SECONDS = 0.02;
-const START_MARGIN_S = 0.25; // compute and transport on top of chunk + look-ahead, before the first frame
+const TRANSPORT_S = 0.05; // WebSocket both ways, JPEG decode, one display refresh
+const UNKNOWN_COMPUTE_S = 0.2; // a chunk's compute when the server did not measure it
 const LATE_MARGIN_S = 0.04; // a late frame raises the playout delay by its lateness plus this
+// the delay shrinks back to what the recent frames needed (plus LATE_MARGIN_S) only in a pause of the voice,
+// where the few ms of played-back sound it skips are silence; at most once a second, after 2 s of frames
+const QUIET_RMS = 0.003, QUIET_S = 0.2, SHRINK_EVERY_S = 1, SHRINK_MIN_S = 0.02, NEED_FRAMES = 250;
 const RING = 250;
 
 const live = (window.restLive = { state: "idle", figures: {}, log: [], onshow: null, portrait: "bundled" });
@@ -46,7 +50,7 @@ function heardNow(ctx) {
   return ctx.currentTime - (ctx.outputLatency || ctx.baseLatency || 0);
 }
 
-// the playout delay each sample was scheduled with (it only grows, when frames come late)
+// the playout delay each sample was scheduled with (it grows when frames come late, shrinks in pauses)
 function delayAt(sample) {
   let d = S.delays[0].d;
   for (const seg of S.delays) if (seg.from <= sample) d = seg.d; else break;
@@ -92,6 +96,7 @@ async function start() {
   const ws = new WebSocket(wsUrl());
   ws.binaryType = "arraybuffer";
   S = { ctx, ws, input, mediaStream, source, rate: ctx.sampleRate, t0: null, pos: 0, delays: [], delay: 0,
+        needs: [], quietFrom: null, lastShrink: 0, shrinks: 0, playedUntil: 0,
         frames: [], shown: null, arrival: [], offsets: [], offsetSum: 0, offsetCount: 0, offsetMax: 0,
         shownAt: [], late: 0, received: 0, server: {}, rms: new Map(), stopping: false, ended: false,
         canvas: $("screen").getContext("2d") };
@@ -127,9 +132,13 @@ function onMessage(msg) {
 }
 
 function onReady(msg) {
+  $("screen").width = $("screen").height = msg.resolution;
   S.fps = msg.fps;
   S.spf = S.rate / msg.fps;
-  S.delay = (msg.chunk_video_frames + msg.lookahead_video_frames) / msg.fps + START_MARGIN_S;
+  // the first frame of a chunk waits for the chunk's audio and the look-ahead, one audio piece, the server's
+  // compute (measured there when the models loaded) and the transport
+  S.delay = (msg.chunk_video_frames + msg.lookahead_video_frames) / msg.fps + PIECE_SECONDS +
+            (msg.compute_s_per_chunk ?? UNKNOWN_COMPUTE_S) + TRANSPORT_S;
   S.delays = [{ from: 0, d: S.delay }];
   const node = new AudioWorkletNode(S.ctx, "rest-capture", {
     numberOfInputs: 1, numberOfOutputs: 1, outputChannelCount: [1],
@@ -157,16 +166,38 @@ function onPiece(first, samples) {
     S.rms.set(f, (S.rms.get(f) || 0) + samples[i] * samples[i]);
   }
   if (S.rms.size > 2 * RING) S.rms.delete(S.rms.keys().next().value);
+  shrinkInSilence(pos, samples);
   if (S.delay !== S.delays[S.delays.length - 1].d) S.delays.push({ from: pos, d: S.delay });
   if ($("playback").checked) {
-    const buf = S.ctx.createBuffer(1, samples.length, S.rate);
-    buf.copyToChannel(samples, 0);
-    const src = S.ctx.createBufferSource();
-    src.buffer = buf;
-    src.connect(S.ctx.destination);
+    // after a shrink this piece's slot overlaps what is already scheduled: skip that much (silence)
     const at = S.t0 + S.delay + pos / S.rate;
-    if (at > S.ctx.currentTime) src.start(at);
+    const skip = Math.max(0, Math.ceil((S.playedUntil - at) * S.rate - 1e-6));
+    if (skip < samples.length && at + skip / S.rate > S.ctx.currentTime) {
+      const buf = S.ctx.createBuffer(1, samples.length - skip, S.rate);
+      buf.copyToChannel(samples.subarray(skip), 0);
+      const src = S.ctx.createBufferSource();
+      src.buffer = buf;
+      src.connect(S.ctx.destination);
+      src.start(at + skip / S.rate);
+    }
+    S.playedUntil = Math.max(S.playedUntil, at + samples.length / S.rate);
   }
+}
+
+// a delay raised by late frames (a slow start, a hiccup) is not kept for the rest of the session: in a pause
+// of the voice it comes back to what the last NEED_FRAMES frames needed to be on time, plus LATE_MARGIN_S
+function shrinkInSilence(pos, samples) {
+  let e = 0;
+  for (let i = 0; i < samples.length; i++) e += samples[i] * samples[i];
+  if (Math.sqrt(e / samples.length) >= QUIET_RMS) { S.quietFrom = null; return; }
+  if (S.quietFrom === null) S.quietFrom = pos;
+  const now = S.ctx.currentTime;
+  if ((pos - S.quietFrom) / S.rate < QUIET_S || S.needs.length < NEED_FRAMES / 5 || now - S.lastShrink < SHRINK_EVERY_S) return;
+  const target = Math.max(...S.needs) + LATE_MARGIN_S;
+  if (S.delay - target < SHRINK_MIN_S) return;
+  S.delay = target;
+  S.lastShrink = now;
+  S.shrinks++;
 }
 
 function onFrame(data) {
@@ -177,7 +208,9 @@ function onFrame(data) {
   const now = S.ctx.currentTime;
   ring(S.arrival, now - (S.t0 + (sample + S.spf) / S.rate)); // after the frame's own audio was complete
   const at = S.t0 + delayAt(sample) + sample / S.rate; // when its audio is heard
-  const lateness = heardNow(S.ctx) + LATE_MARGIN_S - at;
+  const heard = heardNow(S.ctx);
+  ring(S.needs, heard - (S.t0 + sample / S.rate), NEED_FRAMES); // the delay it needed to be on time
+  const lateness = heard + LATE_MARGIN_S - at;
   if (lateness > 0) { // too late for its moment: later samples get more delay (a short gap in the sound)
     S.late++;
     S.delay = Math.min(S.delay + lateness + LATE_MARGIN_S, 5);
@@ -202,9 +235,7 @@ function render() {
     pick = f;
   }
   if (pick && pick.bitmap !== "bad") {
-    const c = S.canvas;
-    c.imageSmoothingQuality = "high";
-    c.drawImage(pick.bitmap, 0, 0, c.canvas.width, c.canvas.height);
+    S.canvas.drawImage(pick.bitmap, 0, 0); // at the model's size: the page's CSS scales it up (no canvas resample)
     pick.bitmap.close();
     while (S.delays.length > 1 && S.delays[1].from <= pick.sample) S.delays.shift(); // behind us now
     const offset = heard - pick.at; // shown this long after its sound is heard
@@ -214,6 +245,7 @@ function render() {
     ring(S.shownAt, heard, 50);
     const e2 = S.rms.get(pick.index);
     const entry = { index: pick.index, sample: pick.sample, offset, heard, late: pick.late,
+                    entered: S.t0 + pick.sample / S.rate, delay: delayAt(pick.sample),
                     rms: e2 === undefined ? null : Math.sqrt(e2 / S.spf) };
     ring(live.log, entry, 2000);
     if (live.onshow) live.onshow(entry, $("screen"));
@@ -236,7 +268,8 @@ function updateFigures() {
     fpsShown: shownFps, fpsMade: S.server.fps ?? null, offsetMean, offsetMaxRecent: S.offsets.length
       ? Math.max(...S.offsets.map(Math.abs)) : null, offsetMaxAll: S.offsetMax,
     offsetMeanAll: S.offsetCount ? S.offsetSum / S.offsetCount : null, shown: S.offsetCount,
-    received: S.received, late: S.late, dropped: S.server.frames_dropped ?? 0, audioSent: S.pos / S.rate });
+    received: S.received, late: S.late, dropped: S.server.frames_dropped ?? 0, audioSent: S.pos / S.rate,
+    delay: S.delay, shrinks: S.shrinks });
   $("latency").textContent = S.delay ? ms(f.latency) : "-";
   $("arrival").textContent = `${ms(f.arrivalP50)} (p95 ${ms(f.arrivalP95)})`;
   $("fps").textContent = `${f.fpsShown ? f.fpsShown.toFixed(1) : "-"} / ${f.fpsMade ? f.fpsMade.toFixed(1) : "-"}`;
