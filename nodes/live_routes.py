@@ -2,15 +2,18 @@
 
 `register()` adds them to `PromptServer.instance.routes` (so they sit at /rest/live/ and /api/rest/live/
 of the port ComfyUI already serves: no new process, no new port). The models are the pack's files in
-models/rest/: the bundled demo pair first, else the first VAE and DiT found, loaded on the first stream
-onto ComfyUI's device. Outside ComfyUI (no `server` module) it does nothing.
+models/rest/: the bundled demo pair first, else the first VAE and DiT found. They live under ComfyUI's
+model management like the nodes' models: read from file on the first stream, then brought onto ComfyUI's
+device with `load_models_gpu` before every stream (ComfyUI may have unloaded them for a workflow, or on
+`/free`). Outside ComfyUI (no `server` module) it does nothing.
 """
 from __future__ import annotations
 
 import logging
 
-from ..rest_model import checkpoint, live
-from . import host
+from ..rest_model import live
+from . import host, managed
+from .loaders import check_pair, load_file
 
 log = logging.getLogger("REST")
 
@@ -29,11 +32,20 @@ def pick_models(names: list[str]) -> tuple[str, str]:
     return vaes[0], dits[0]
 
 
+_loaded: dict = {}  # the live page's pair: file names -> (RestModel, RestModel)
+
+
 def load_models():
-    vae_name, dit_name = pick_models(host.list_models())
-    device = host.torch_device("auto")
-    log.info("REST live: %s + %s on %s", vae_name, dit_name, device)
-    return checkpoint.load_pair(host.model_path(vae_name), host.model_path(dit_name), device)
+    """(vae, dit) modules for a live stream, on ComfyUI's device: loaded from file once per pair of names."""
+    names = pick_models(host.list_models())
+    if names not in _loaded:
+        device = host.torch_device("auto")
+        log.info("REST live: %s + %s on %s", *names, device)
+        vae, dit = load_file(names[0], "vae", device, "auto")[0], load_file(names[1], "dit", device, "auto")[0]
+        check_pair(vae, dit)
+        _loaded.clear()
+        _loaded[names] = (vae, dit)
+    return tuple(managed.use(*_loaded[names]))
 
 
 def register() -> bool:

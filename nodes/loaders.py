@@ -40,7 +40,8 @@ def precision_errors(dtype: torch.dtype):
         raise
 
 
-def _load(name: str, kind: str, device: torch.device, dtype: str) -> tuple[RestModel, str]:
+def load_file(name: str, kind: str, device: torch.device, dtype: str) -> tuple[RestModel, str]:
+    """A file of models/rest/ -> (a RestModel parked on its offload device, what the file is)."""
     path = host.model_path(name)
     offload = host.offload_device(device, kind)
     module = checkpoint.load(path, kind, offload, _dtype(dtype))  # parked; `managed.use` brings it to `device`
@@ -68,7 +69,7 @@ class LoadRESTVAE:
         }}
 
     def load(self, vae_name, dtype="auto"):
-        return _load(vae_name, "vae", host.torch_device("auto"), dtype)
+        return load_file(vae_name, "vae", host.torch_device("auto"), dtype)
 
 
 class LoadCausalDiT:
@@ -97,7 +98,7 @@ class LoadCausalDiT:
         }}
 
     def load(self, dit_name, dtype="auto", device="auto", vae=None):
-        dit, info = _load(dit_name, "dit", host.torch_device(device), dtype)
+        dit, info = load_file(dit_name, "dit", host.torch_device(device), dtype)
         if vae is not None:
             check_pair(vae, dit)
         return (dit, info)

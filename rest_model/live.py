@@ -86,7 +86,7 @@ JPEG_QUALITY = 85
 # (at 128x128 JPEG), then in our frame queue, where the oldest are dropped; autotuned, it holds megabytes
 SEND_BUFFER_BYTES = 128 * 1024
 
-ModelsProvider = Callable[[], tuple]  # () -> (vae, dit), loaded once and shared read-only
+ModelsProvider = Callable[[], tuple]  # () -> (vae, dit) ready to run, asked for before every stream; shared read-only
 
 
 class ProtocolError(ValueError):
@@ -394,13 +394,13 @@ class LiveServer:
         self.compute_s: float | None = None  # one chunk's compute, measured when the models load
 
     def _load(self):
-        with self._models_lock:  # loaded once, on first use, then shared read-only
-            if self._models is None:
-                vae, dit = self.models()
-                vae, dit = vae.eval(), dit.eval()
+        with self._models_lock:  # asked for before every stream (a host may have moved them), shared read-only
+            vae, dit = self.models()
+            vae, dit = vae.eval(), dit.eval()
+            if self._models is None or self._models[0] is not vae or self._models[1] is not dit:
                 self.compute_s = measure_compute(vae, dit, self.stream_config(dit), self.overlap_decode)
                 log.info("live: one chunk takes %.0f ms here", 1000 * self.compute_s)
-                self._models = (vae, dit)
+            self._models = (vae, dit)
         return self._models
 
     async def models_ready(self):
@@ -571,7 +571,8 @@ async def _send_frames(ws: web.WebSocketResponse, live: LiveStream):
 
 def add_live_routes(target, models: ModelsProvider, max_streams: int = 1, **kw) -> LiveServer:
     """Add the live page and WebSocket under /rest/live to an aiohttp `web.Application` or `RouteTableDef`
-    (ComfyUI's `PromptServer.instance.routes`). `models()` returns (vae, dit); it is called once."""
+    (ComfyUI's `PromptServer.instance.routes`). `models()` returns (vae, dit) ready to run; it is called before
+    every stream (and for /info), so a host can load them onto their device then; it should be cheap."""
     server = LiveServer(models, max_streams, **kw)
     routes = [("/ws", server.websocket), ("/info", server.info), ("/portrait.png", server.portrait),
               ("", _redirect_to_page), ("/", server.page), ("/{name}", server.page)]

@@ -775,6 +775,26 @@ def test_models_are_registered_with_comfyui_and_loaded_before_each_use(env, mode
     assert model_management.loads == [([V, D], True), ([D, V], True), ([V], True), ([V], True), ([D], True)]
 
 
+def test_the_live_page_models_are_under_model_management_and_loaded_before_each_stream(env, model_management,
+                                                                                     monkeypatch):
+    """The live route's pair is read from file once, measured once, and handed to load_models_gpu before every
+    stream, as the nodes' models are (ComfyUI may have unloaded them in between)."""
+    import asyncio
+    lr = importlib.import_module(f"{PACK}.nodes.live_routes")
+    live = importlib.import_module(f"{PACK}.rest_model.live")
+    monkeypatch.setattr(lr, "pick_models", lambda names: ("tiny_vae.safetensors", "tiny_dit.safetensors"))
+    monkeypatch.setattr(lr, "_loaded", {})
+    server = live.LiveServer(lr.load_models)
+    first = asyncio.run(server.models_ready())
+    measured = server.compute_s
+    second = asyncio.run(server.models_ready())
+    assert first[0] is second[0] and first[1] is second[1] and server.compute_s == measured > 0
+    assert model_management.loads == [(list(first), True)] * 2
+    monkeypatch.setattr(lr, "pick_models", lambda names: ("tiny_vae.safetensors", "other_layout_dit.safetensors"))
+    with pytest.raises(Exception, match="other_layout_dit.safetensors does not fit the VAE"):
+        lr.load_models()
+
+
 # -- framing: face crop, paste-back, plain-words report ----------------------------------------------------------
 def test_paste_back_returns_the_portrait_at_its_own_size_untouched_outside_the_face(loaded, tmp_path, monkeypatch):
     vae, dit = loaded
