@@ -6,10 +6,11 @@ Nodes, the command line, benchmarks and any live server call `stream`; none reim
     2. for each chunk of k latent frames, as soon as its audio (plus the fixed look-ahead) is there:
        a. encode the audio windows the chunk attends to;
        b. denoise the chunk from noise in `steps` Euler steps, reading the cache;
-       c. run the clean chunk once more at t = 0 and commit its K/V to the Context-Cache;
-       d. decode it with the streaming VAE decoder (carried state) and yield the frames.
+       c. decode it with the streaming VAE decoder (carried state) and yield the frames;
+       d. run the clean chunk once more at t = 0 and commit its K/V to the Context-Cache (after the yield:
+          only the next chunk needs it, so live it runs while that chunk's audio arrives).
 
-With `overlap_decode` step d runs on a worker thread (on its own CUDA stream, or on the VAE's own device
+With `overlap_decode` step c runs on a worker thread (on its own CUDA stream, or on the VAE's own device
 when the VAE sits on another GPU than the DiT: TalkingMachines' disaggregation), so the DiT denoises
 chunk j + 1 while the VAE decodes chunk j; bit-identical. A chunk comes out as soon as its decode is done
 when the stream is waiting for audio anyway (live: no added latency), else after the next chunk is made.
@@ -64,7 +65,7 @@ class Chunk:
     latent: torch.Tensor  # [1, Cz, k, h, w]
     frames: torch.Tensor | None  # [n, 3, H, W] in [-1, 1]; n < k*tc only for the last chunk
     num_frames: int  # video frames this chunk contributes (the last chunk is cut to the audio)
-    state_bytes: int = 0  # everything the stream carries to the next chunk: cache, audio, decoder
+    state_bytes: int = 0  # what the stream carries: the cache as this chunk was made, the audio, the decoder
 
 
 def prepare_reference(vae: CausalVAE, dit: CausalDiT, portrait: torch.Tensor) -> torch.Tensor:
@@ -87,14 +88,20 @@ def new_cache(dit: CausalDiT, ref: torch.Tensor, cfg: StreamConfig, start_frame:
 def generate_chunk(dit: CausalDiT, cache: IDContextCache, noise: torch.Tensor, audio: torch.Tensor,
                    times: torch.Tensor) -> torch.Tensor:
     """Denoise one chunk with Euler steps over the cache, then commit its clean K/V (t = 0)."""
+    x0 = denoise_chunk(dit, cache, noise, audio, times)
+    commit_chunk(dit, cache, x0, audio)
+    return x0
+
+
+def denoise_chunk(dit: CausalDiT, cache: IDContextCache, noise: torch.Tensor, audio: torch.Tensor,
+                  times: torch.Tensor) -> torch.Tensor:
+    """Denoise one chunk with Euler steps over the cache (which it leaves as it was)."""
     b, k = noise.shape[0], noise.shape[2]
 
     def velocity(x, t):
         return dit.chunk(x, t.expand(b, k), audio, cache)[0]
 
-    x0 = sample_euler(velocity, noise, times)
-    commit_chunk(dit, cache, x0, audio)
-    return x0
+    return sample_euler(velocity, noise, times)
 
 
 def commit_chunk(dit: CausalDiT, cache: IDContextCache, x0: torch.Tensor, audio: torch.Tensor) -> None:
@@ -234,7 +241,7 @@ def stream(vae: CausalVAE | None, dit: CausalDiT, portrait: torch.Tensor | None,
             feats = enc.frames(timeline, f0 - a * tc, f1 + a * tc)  # own windows + neighbours
             windows = audio_windows(feats, d).to(p.dtype)
             noise = chunk_noise(seed, j, (1, d.latent_channels, k, d.latent_size, d.latent_size), p.device, p.dtype)
-            latent = generate_chunk(dit, cache, noise, windows, times)
+            latent = denoise_chunk(dit, cache, noise, windows, times)
             if not torch.isfinite(latent).all():  # a diverged model would otherwise stream a black video
                 raise NonFiniteError(f"chunk {j}: the DiT produced NaN/infinite latents (video frames from {f0}); "
                                      f"the model's weights are broken: stopped, nothing written")
@@ -244,6 +251,10 @@ def stream(vae: CausalVAE | None, dit: CausalDiT, portrait: torch.Tensor | None,
             pending.append((Chunk(j, f0, latent, None, n, carried), submit(latent) if decode else None))
             while len(pending) > lag:  # overlapped: chunk j - 1 goes out while chunk j decodes
                 yield hand_out(*pending.popleft())
+            # the commit pass only serves the next chunk, so it runs after this one went out: live, while the
+            # next chunk's audio arrives (a third of the DiT's work off every frame's latency); none after the last
+            if not (timeline.finished and f1 >= max(timeline.frames, 1)):
+                commit_chunk(dit, cache, latent, windows)
         while pending:
             yield hand_out(*pending.popleft())
     finally:

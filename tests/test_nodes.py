@@ -576,8 +576,8 @@ def test_latents_stay_on_the_device_they_were_made_on(loaded, monkeypatch):
     vae, dit = loaded
     streamer = importlib.import_module(f"{PACK}.rest_model.streamer")
     made = []
-    real = streamer.generate_chunk
-    monkeypatch.setattr(streamer, "generate_chunk", lambda *a: made.append(real(*a)) or made[-1])
+    real = streamer.denoise_chunk
+    monkeypatch.setattr(streamer, "denoise_chunk", lambda *a: made.append(real(*a)) or made[-1])
     rest_audio, *_ = run("RESTAudioEncode", audio=speech(1.0), dit=dit)
     cache, _ = run("RESTIDContextCache", image=image(), vae=vae, dit=dit)
     chunks, _ = run("RESTStreamingSampler", dit=dit, cache=cache, audio=rest_audio, preview=False)

@@ -154,7 +154,7 @@ def test_overlapped_decode_gives_the_same_chunks_and_runs_beside_the_dit(tiny, m
         assert torch.equal(a.latent, b.latent) and torch.equal(a.frames, b.frames)
     assert [c.index for c in seen[True]] == [c.index for c in seen[False]] == [c.index for c in runs[True]]
 
-    events, decode_chunk, generate = [], vae.decode_chunk, streamer.generate_chunk
+    events, decode_chunk, generate = [], vae.decode_chunk, streamer.denoise_chunk
 
     def slow_decode(latent, state):
         events.append(("decode", threading.current_thread().name, time.perf_counter()))
@@ -167,7 +167,7 @@ def test_overlapped_decode_gives_the_same_chunks_and_runs_beside_the_dit(tiny, m
         events.append(("generate", threading.current_thread().name, time.perf_counter()))
         return generate(*args)
     monkeypatch.setattr(vae, "decode_chunk", slow_decode)
-    monkeypatch.setattr(streamer, "generate_chunk", logged_generate)
+    monkeypatch.setattr(streamer, "denoise_chunk", logged_generate)
     list(stream(vae, dit, _portrait(dit), AudioSource.whole(audio, 16000), dit.cfg.stream, overlap_decode=True))
     assert {t for e, t, _ in events if e.startswith("decod")} == {"rest-vae-decode_0"}
     gen = [s for e, _, s in events if e == "generate"]
@@ -205,3 +205,32 @@ def test_a_whole_track_handed_over_in_pieces_gives_the_same_frames_without_copyi
         assert torch.equal(a.frames, b.frames)
     with pytest.raises(ValueError):
         AudioSource.in_pieces(torch.zeros(2, 0), sr)
+
+
+def test_a_chunk_goes_out_before_its_commit_pass_and_the_last_gets_none(tiny, monkeypatch):
+    """The commit (the clean K/V for the Context-Cache) only serves the next chunk: it runs after the chunk was
+    handed out, so live it overlaps the wait for the next chunk's audio; the frames are those of
+    generate_chunk's order (denoise, commit) chunk by chunk."""
+    from rest_model import streamer
+    vae, dit = tiny
+    audio = speech_like(2.0, 16000)
+    events, commit = [], streamer.commit_chunk
+    monkeypatch.setattr(streamer, "commit_chunk", lambda *a: (events.append("commit"), commit(*a))[1])
+    chunks = []
+    for c in stream(vae, dit, _portrait(dit), AudioSource.whole(audio, 16000), dit.cfg.stream, seed=5):
+        events.append(("out", c.index))
+        chunks.append(c)
+    assert events[:4] == [("out", 0), "commit", ("out", 1), "commit"] and events[-1] == ("out", len(chunks) - 1)
+    assert events.count("commit") == len(chunks) - 1
+    # the same latents as committing each chunk before it goes out (the order before: generate_chunk)
+    denoise = streamer.denoise_chunk
+
+    def commit_first(dit, cache, noise, windows, times):
+        x0 = denoise(dit, cache, noise, windows, times)
+        commit(dit, cache, x0, windows)
+        return x0
+    monkeypatch.setattr(streamer, "denoise_chunk", commit_first)
+    monkeypatch.setattr(streamer, "commit_chunk", lambda *a: None)
+    before = list(stream(vae, dit, _portrait(dit), AudioSource.whole(audio, 16000), dit.cfg.stream, seed=5))
+    assert len(before) == len(chunks) and all(torch.equal(x.latent, y.latent) and torch.equal(x.frames, y.frames)
+                                              for x, y in zip(before, chunks))
