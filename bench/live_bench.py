@@ -13,7 +13,8 @@ Figures:
   the arrival latency, so what a user sees is that delay plus the frames the mouth takes to move; the
   page's delay rule is replayed on the session by `page_playout`);
 - where a frame's time goes: waiting for the rest of its chunk's audio, the audio look-ahead, compute
-  (the server's own per-chunk figure), and the rest (transport, JPEG, 20 ms pieces);
+  (the server's own figure: the chunk's last audio piece in -> its frames out), and the rest (transport,
+  JPEG, 20 ms pieces);
 - sustained fps, frames dropped, the A/V offset on the client's clock in the first and last minute (a
   frame shown later than its sound's moment is late by that much; sample positions are checked exact),
   and the server's resident memory at the start and the end.
@@ -233,7 +234,7 @@ def main() -> int:
     shown_at, late, delays, shrinks = page_playout(frames, wave, rate, start_delay)
     lat = onset_latencies(frames, onsets, rate, fps, look, shown_at)
     found = [x for x in lat if x is not None]
-    compute = [m["compute_ms_per_chunk"] / 1000 for m in stats if m.get("compute_ms_per_chunk")]
+    compute = [m["chunk_latency_ms"] / 1000 for m in stats if m.get("chunk_latency_ms")]  # on the frames' path
     minute = min(60.0, args.seconds / 2)
     first_min = [lt for (_, _, a, _), lt in zip(frames, late) if a < minute]
     last_min = [lt for (_, _, a, _), lt in zip(frames, late) if a > frames[-1][2] - minute]

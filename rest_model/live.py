@@ -244,6 +244,8 @@ class LiveStream:
     dropped: int = 0
     max_queued: int = 0
     chunk_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=25))
+    chunk_latency: collections.deque = field(default_factory=lambda: collections.deque(maxlen=25))
+    last_piece_at: float = 0.0  # when the generator took the latest audio piece
     chunk_made_at: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50))
     cancelled: threading.Event = field(default_factory=threading.Event)  # the client is gone
     done: bool = False
@@ -264,7 +266,8 @@ class LiveStream:
         while True:
             t = time.perf_counter()
             piece = self.audio.get()
-            self.waited_s += time.perf_counter() - t
+            self.last_piece_at = time.perf_counter()
+            self.waited_s += self.last_piece_at - t
             if self.cancelled.is_set():  # gone: the audio still queued is not worth a frame
                 raise _Cancelled()
             if piece is _END:
@@ -303,11 +306,12 @@ class LiveStream:
         fps = None
         if len(made) >= 2 and made[-1][0] > made[0][0]:
             fps = (made[-1][1] - made[0][1]) / (made[-1][0] - made[0][0])
-        compute = sorted(self.chunk_seconds)
+        compute, latency = sorted(self.chunk_seconds), sorted(self.chunk_latency)
         return {"frames_made": self.made, "frames_sent": self.sent, "frames_dropped": self.dropped,
                 "frames_queued": len(self.frames), "frame_queue": self.frame_queue,
                 "fps": None if fps is None else round(fps, 2),
                 "compute_ms_per_chunk": round(1000 * compute[len(compute) // 2], 1) if compute else None,
+                "chunk_latency_ms": round(1000 * latency[len(latency) // 2], 1) if latency else None,
                 "audio_received_s": round(self.received / rate, 3),
                 "audio_ahead_s": round((self.received - self.consumed) / rate, 3)}
 
@@ -359,6 +363,7 @@ def generate(live: LiveStream, vae, dit, portrait: torch.Tensor, recorder: media
                 msg = encode_frame(frame, index, sample_position(index, req.sample_rate, d.fps), req.format)
                 live.to_loop(live.deliver, msg)
             live.chunk_seconds.append(now - t_prev - (live.waited_s - waited_prev))  # compute, not waiting
+            live.chunk_latency.append(now - live.last_piece_at)  # its last audio piece in -> its frames out
             live.chunk_made_at.append((now, chunk.first_frame + len(frames)))
             t_prev, waited_prev = time.perf_counter(), live.waited_s
         if recorder is not None:

@@ -476,10 +476,12 @@ def test_the_server_measures_a_chunk_when_the_models_load_and_tells_the_page(tin
     async def run(client, server):
         info = await (await client.get(live.PREFIX + "/info")).json()
         frames, msgs = await _talk(client, _pieces(speech_like(0.5, RATE)))
-        return info, msgs[0], server.compute_s
-    info, ready, measured = _serve(vae, dit, run)
+        return info, msgs[0], msgs[-1], server.compute_s
+    info, ready, end, measured = _serve(vae, dit, run)
     assert ready["type"] == "ready" and 0 < measured < 10
     assert info["compute_s_per_chunk"] == ready["compute_s_per_chunk"] == measured
+    # and per stream: a chunk's whole cost, and its last audio piece in -> its frames out (the commit is after)
+    assert end["type"] == "end" and 0 < end["chunk_latency_ms"] and 0 < end["compute_ms_per_chunk"]
 
 
 def test_torch_work_runs_on_threads_that_end_not_on_the_loop_or_a_pooled_thread(tiny, monkeypatch):
