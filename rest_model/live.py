@@ -317,21 +317,25 @@ class LiveStream:
 
 
 def measure_compute(vae, dit, cfg: StreamConfig, overlap_decode: bool = False, chunks: int = 6) -> float:
-    """Seconds one chunk takes here: the median over a short silent stream, run when the models load. It also
-    warms the kernels up, so a user's first chunk is not the slow one. The page plans its first playout
-    delay with it (chunk + look-ahead + this + transport), before any frame of its own has arrived."""
+    """Seconds from a chunk's last audio piece arriving to its frames coming out, here: the median over a short
+    silent stream fed a video frame of audio at a time, run when the models load (what `chunk_latency_ms`
+    reports per stream). It also warms the kernels up, so a user's first chunk is not the slow one. The page
+    plans its first playout delay with it (chunk + look-ahead + this + transport), before any frame of its
+    own has arrived."""
     d = dit.cfg
-    n = ((chunks * cfg.chunk_frames + 2) * d.temporal_compression + chunk_lookahead_frames(d)) * d.audio.samples_per_frame
+    spf = d.audio.samples_per_frame
+    n = ((chunks * cfg.chunk_frames + 2) * d.temporal_compression + chunk_lookahead_frames(d)) * spf
     portrait = torch.zeros(3, d.resolution, d.resolution)
-    times, t = [], [time.perf_counter()]
+    times, last = [], [0.0]
 
-    def tick(chunk):
-        now = time.perf_counter()
-        times.append(now - t[0])
-        t[0] = now
+    def pieces():
+        for _ in range(0, n, spf):
+            last[0] = time.perf_counter()
+            yield torch.zeros(spf)
     with torch.no_grad():
-        for _ in stream(vae, dit, portrait, AudioSource.whole(torch.zeros(n), dit.audio_encoder.sample_rate), cfg,
-                        callback=tick, overlap_decode=overlap_decode):
+        for _ in stream(vae, dit, portrait, AudioSource(pieces(), dit.audio_encoder.sample_rate), cfg,
+                        callback=lambda chunk: times.append(time.perf_counter() - last[0]),
+                        overlap_decode=overlap_decode):
             pass
     steady = sorted(times[1:-1] or times)  # the first chunk also made the ID-Sink; the last one is short
     return steady[len(steady) // 2]
