@@ -114,12 +114,12 @@ def test_the_page_shows_the_portrait_talking_in_sync_in_chromium(server, tmp_pat
             shot = os.environ.get("REST_LIVE_SCREENSHOT")
             if shot:
                 page.screenshot(path=shot)
-            # a hiccup raised the playout delay by a second: in the next pause of the voice it comes back down to
-            # what the last frames needed (when the server keeps real time; a slower one needs the delay)
+            # a hiccup raised the playout delay by a second: in the next pause of the voice it comes back down
+            # (when the server keeps real time; a slower one needs the delay)
             shrinks, raised = page.evaluate("[S.shrinks, S.delay += 1.0]")
             try:
-                page.wait_for_function(f"S.shrinks > {shrinks}", timeout=20000, polling=50)
-                after_shrink = page.evaluate("[S.delay, window.mouth.length, Math.max(...S.needs)]")
+                after_shrink = page.wait_for_function(f"S.shrinks > {shrinks} && [S.delay, window.mouth.length]",
+                                                      timeout=20000, polling=50).json_value()
                 page.wait_for_function(f"window.mouth.length >= {after_shrink[1] + 25}", timeout=30000, polling=200)
                 mouth_after = page.evaluate(f"window.mouth.slice({after_shrink[1]})")
             except PlaywrightTimeout:
@@ -150,9 +150,13 @@ def test_the_page_shows_the_portrait_talking_in_sync_in_chromium(server, tmp_pat
         assert sum(m["late"] for m in mouth[2 * ENOUGH:]) <= 2 and figures["dropped"] == 0, figures
     # the raised delay came back down in a pause, and frames stay in sync after it (the played sound skipped a
     # few ms of silence to follow)
-    if figures["fpsMade"] is not None and figures["fpsMade"] >= 24.5:
-        assert after_shrink is not None, f"the delay raised to {raised:.2f} s never came down: {figures}"
-        assert after_shrink[0] < raised - 0.02 and abs(after_shrink[0] - (after_shrink[2] + 0.04)) < 0.02, after_shrink
+    if after_shrink is not None:
+        assert after_shrink[0] < raised - 0.02, (raised, after_shrink)
         on_time_after = sorted(abs(m["offset"]) for m in mouth_after if not m["late"])
-        assert len(on_time_after) >= 20 and on_time_after[len(on_time_after) // 2] <= 0.020, on_time_after
+        assert len(on_time_after) >= 10 and on_time_after[len(on_time_after) // 2] <= 0.020, on_time_after
+    # a second of extra delay outlasts the next pause unless the server falls far behind real time
+    if figures["fpsMade"] is not None and figures["fpsMade"] >= 20:
+        assert after_shrink is not None, f"the delay raised to {raised:.2f} s never came down: {figures}"
+    if figures["fpsMade"] is not None and figures["fpsMade"] >= 24.5:
+        assert after_shrink[0] < raised - 0.5, (raised, after_shrink)  # back to about what the frames needed
     print(f"browser: {figures}; delay raised to {raised:.2f} s -> {after_shrink and round(after_shrink[0], 2)} s")
