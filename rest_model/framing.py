@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .media import CROP_MODES as FIT_MODES, MIN_SIDE, fit_portrait, to_rgb
+from .media import CROP_MODES as FIT_MODES, MIN_SIDE, fit_portrait, portrait_rgb, to_rgb
 
 CROP_MODES = ("face",) + FIT_MODES  # "face" first: the default for real portraits
 FACE_SCALE = 2.0  # crop side / face box side (prepare's --face-scale default)
@@ -248,10 +248,8 @@ def frame_portrait(image: torch.Tensor, size: int, mode: str = "face") -> tuple[
     """
     if mode not in CROP_MODES:
         raise ValueError(f"crop mode must be one of {CROP_MODES}, got {mode!r}")
-    rgb = to_rgb(image.float())
+    rgb = portrait_rgb(image)
     h, w = rgb.shape[1:]
-    if min(h, w) < MIN_SIDE:
-        raise ValueError(f"portrait of {w}x{h} is too small (each side must be at least {MIN_SIDE} px)")
     if mode != "face":
         box = fit_box(mode, w, h)
         return fit_portrait(rgb, size, mode), Framing(box, (w, h), mode, f"{mode} crop: {_describe(box)}")

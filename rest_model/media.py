@@ -82,6 +82,15 @@ def to_rgb(image: torch.Tensor) -> torch.Tensor:
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 
+def portrait_rgb(image: torch.Tensor) -> torch.Tensor:
+    """Portrait [C, H, W] in [0, 1] (C = 1..4) -> float RGB [3, H, W], refusing one too small to frame."""
+    rgb = to_rgb(image.float())
+    h, w = rgb.shape[1:]
+    if min(h, w) < MIN_SIDE:
+        raise ValueError(f"portrait of {w}x{h} is too small (each side must be at least {MIN_SIDE} px)")
+    return rgb
+
+
 def fit_portrait(image: torch.Tensor, size: int, mode: str = "center") -> torch.Tensor:
     """Portrait [C, H, W] in [0, 1], any size -> [3, size, size] in [-1, 1] for the model.
 
@@ -89,10 +98,8 @@ def fit_portrait(image: torch.Tensor, size: int, mode: str = "center") -> torch.
     """
     if mode not in CROP_MODES:
         raise ValueError(f"crop mode must be one of {CROP_MODES}, got {mode!r}")
-    image = to_rgb(image.float())
+    image = portrait_rgb(image)
     h, w = image.shape[1:]
-    if min(h, w) < MIN_SIDE:
-        raise ValueError(f"portrait of {w}x{h} is too small (each side must be at least {MIN_SIDE} px)")
     if mode == "center":
         s = min(h, w)
         top, left = (h - s) // 2, (w - s) // 2
