@@ -32,6 +32,11 @@ def decoded_chunks(vae, chunks) -> Iterator[torch.Tensor]:
         progress.update(j + 1)
 
 
+# the inputs Decode Chunk and Stream To Video share
+DECODE_INPUTS = {
+    "vae": (VAE, {"tooltip": "The REST VAE (the one the ID-Context Cache used)."}),
+    "chunks": (CHUNKS, {"tooltip": "Latent chunks from the Streaming Sampler."}),
+}
 PASTE_BACK_TIP = ("Composite the generated face into the original portrait at its full resolution, with a "
                   "feathered edge (the framing the ID-Context Cache chose). Off: the model's square.")
 
@@ -60,10 +65,7 @@ class RESTDecodeChunk:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "vae": (VAE, {"tooltip": "The REST VAE (the one the ID-Context Cache used)."}),
-            "chunks": (CHUNKS, {"tooltip": "Latent chunks from the Streaming Sampler."}),
-        }, "optional": {
+        return {"required": dict(DECODE_INPUTS), "optional": {
             "paste_back": ("BOOLEAN", {"default": False, "tooltip": PASTE_BACK_TIP}),
         }}
 

@@ -15,8 +15,7 @@ import torch
 
 from ..rest_model import media
 from . import host
-from .decode_chunk import PASTE_BACK_TIP, decoded_chunks, pasted
-from .payloads import CHUNKS, VAE
+from .decode_chunk import DECODE_INPUTS, PASTE_BACK_TIP, decoded_chunks, pasted
 
 
 class StreamedVideo:
@@ -89,10 +88,7 @@ class RESTStreamToVideo:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "vae": (VAE, {"tooltip": "The REST VAE (the one the ID-Context Cache used)."}),
-            "chunks": (CHUNKS, {"tooltip": "Latent chunks from the Streaming Sampler."}),
-        }, "optional": {
+        return {"required": dict(DECODE_INPUTS), "optional": {
             "audio": ("AUDIO", {"tooltip": "The original speech (e.g. Load Audio's output): the video's sound "
                                            "track. Without it the video is silent."}),
             "paste_back": ("BOOLEAN", {"default": False, "tooltip": PASTE_BACK_TIP + " An odd last row or column "
