@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -208,21 +209,10 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=48000, help="the client's sample rate (a browser's is 48000)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "rest_model", "serve", "--port", str(port), "--threads", str(args.threads),
-           "--max-audio-ahead", str(args.seconds + 30)] + (["--chunk", str(args.chunk)] if args.chunk else []) \
-        + (["--overlap-decode"] if args.overlap_decode else [])
-    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        url = server.stdout.readline().split("open ")[1].split()[0]
+    with serve(args, max_audio_ahead=args.seconds + 30) as (server, url):
         wave, onsets = program(args.seconds, args.rate)
         rss_start = rss_mib(server.pid)
         ready, frames, stats, end, rss = asyncio.run(session(url, wave, args.rate, server.pid))
-    finally:
-        server.terminate()
-        server.wait(10)
     fps, rate = ready["fps"], args.rate
     chunk_v, look = ready["chunk_video_frames"], ready["lookahead_video_frames"]
     start_delay = (chunk_v + look) / fps + PIECE_S + (ready.get("compute_s_per_chunk") or 0.2) + PAGE_TRANSPORT_S
@@ -268,12 +258,36 @@ def main() -> int:
         "server_rss_mib_every_10s": [round(r) for _, r in rss],
         "real_time": (n - 1) / span >= 0.98 * fps,
     }
-    for k, v in figures.items():
-        print(f"{k:40s} {v:.3f}" if isinstance(v, float) else f"{k:40s} {v}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=1)
+    report(figures, args.json)
     return 0
+
+
+@contextlib.contextmanager
+def serve(args, max_audio_ahead: float):
+    """`python -m rest_model serve` with the bench's --threads/--chunk/--overlap-decode on a free loopback port
+    -> (the server process, the page's URL); stopped on exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "rest_model", "serve", "--port", str(port), "--threads", str(args.threads),
+           "--max-audio-ahead", str(max_audio_ahead)] + (["--chunk", str(args.chunk)] if args.chunk else []) \
+        + (["--overlap-decode"] if args.overlap_decode else [])
+    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        yield server, server.stdout.readline().split("open ")[1].split()[0]
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def report(figures: dict, json_path: str | None, leave_out=()):
+    """Print the figures one per line (and write them all as JSON when asked)."""
+    for k, v in figures.items():
+        if k not in leave_out:
+            print(f"{k:40s} {v:.3f}" if isinstance(v, float) else f"{k:40s} {v}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(figures, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,10 @@ import json
 import os
 import platform
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import av
 import numpy as np
@@ -35,7 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from live_bench import MOUTH, SILENCE_S, program, rss_mib  # noqa: E402
+from live_bench import MOUTH, SILENCE_S, program, report, rss_mib, serve  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATE = 48000
@@ -124,19 +123,11 @@ def main() -> int:
     wav = os.path.join(tmp, "program.wav")
     wave, _ = program(args.seconds + 20, RATE)  # longer than the session: the fake device loops its file
     write_wav(wav, wave.numpy(), RATE)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "rest_model", "serve", "--port", str(port), "--threads", str(args.threads),
-           "--max-audio-ahead", "30"] + (["--chunk", str(args.chunk)] if args.chunk else []) \
-        + (["--overlap-decode"] if args.overlap_decode else [])
-    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     flags = ["--disable-gpu", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
              f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required"]
     drawn, polls = [], []
     try:
-        url = server.stdout.readline().split("open ")[1].split()[0]
-        with sync_playwright() as p:
+        with serve(args, max_audio_ahead=30) as (server, url), sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, headless=True, args=flags)
             try:
                 page = browser.new_page(viewport={"width": 1000, "height": 760})
@@ -147,6 +138,8 @@ def main() -> int:
                 rss_start = rss_mib(server.pid)
                 page.click("#start")
                 page.wait_for_function("window.restLive.state === 'running'", timeout=60000)
+                with urllib.request.urlopen(url + "info") as r:  # the model's fps and look-ahead
+                    info = json.load(r)
                 t0 = time.monotonic()
                 while time.monotonic() - t0 < args.seconds:
                     time.sleep(min(POLL_S, args.seconds - (time.monotonic() - t0)))
@@ -170,16 +163,9 @@ def main() -> int:
             finally:
                 browser.close()
     finally:
-        server.terminate()
-        server.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
     d = np.array([[np.nan if v is None else v for v in r] for r in drawn], dtype=np.float64)
-    info = json.loads(subprocess.run([sys.executable, "-c", "from rest_model.cli import DEMO_DIT; "
-                                      "from rest_model import checkpoint, audio; import json; "
-                                      "d = checkpoint.load_dit(DEMO_DIT); "
-                                      "print(json.dumps([d.cfg.fps, audio.chunk_lookahead_frames(d.cfg)]))"],
-                                     cwd=ROOT, capture_output=True, text=True, check=True).stdout)
-    fps, look = info
+    fps, look = info["fps"], info["lookahead_video_frames"]
     onsets, lat = onsets_and_latency(d, fps, look)
     found = [x for x in lat if x is not None]
     span = d[-1, 2] - d[0, 2]
@@ -202,12 +188,7 @@ def main() -> int:
         "server_rss_mib_start": round(rss_start), "server_rss_mib_every_10s": [q["rss_mib"] for q in polls],
         "polls": polls,
     }
-    for k, v in figures.items():
-        if k != "polls":
-            print(f"{k:32s} {v}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=1)
+    report(figures, args.json, leave_out=("polls",))
     return 0
 
 
