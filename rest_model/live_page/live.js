@@ -161,12 +161,14 @@ function onPiece(first, samples) {
   const pos = S.pos;
   S.pos += samples.length;
   S.ws.send(samples.buffer.slice(0));
-  for (let i = 0; i < samples.length; i++) { // loudness per video frame (shown in the log)
-    const f = Math.floor((pos + i) / S.spf);
-    S.rms.set(f, (S.rms.get(f) || 0) + samples[i] * samples[i]);
+  let energy = 0; // of the piece (a pause?), and per video frame (shown in the log)
+  for (let i = 0; i < samples.length; i++) {
+    const f = Math.floor((pos + i) / S.spf), e = samples[i] * samples[i];
+    energy += e;
+    S.rms.set(f, (S.rms.get(f) || 0) + e);
   }
   if (S.rms.size > 2 * RING) S.rms.delete(S.rms.keys().next().value);
-  shrinkInSilence(pos, samples);
+  shrinkInSilence(pos, Math.sqrt(energy / samples.length));
   if (S.delay !== S.delays[S.delays.length - 1].d) S.delays.push({ from: pos, d: S.delay });
   if ($("playback").checked) {
     // after a shrink this piece's slot overlaps what is already scheduled: skip that much (silence)
@@ -186,10 +188,8 @@ function onPiece(first, samples) {
 
 // a delay raised by late frames (a slow start, a hiccup) is not kept for the rest of the session: in a pause
 // of the voice it comes back to what the last NEED_FRAMES frames needed to be on time, plus LATE_MARGIN_S
-function shrinkInSilence(pos, samples) {
-  let e = 0;
-  for (let i = 0; i < samples.length; i++) e += samples[i] * samples[i];
-  if (Math.sqrt(e / samples.length) >= QUIET_RMS) { S.quietFrom = null; return; }
+function shrinkInSilence(pos, rms) {
+  if (rms >= QUIET_RMS) { S.quietFrom = null; return; }
   if (S.quietFrom === null) S.quietFrom = pos;
   const now = S.ctx.currentTime;
   if ((pos - S.quietFrom) / S.rate < QUIET_S || S.needs.length < NEED_FRAMES / 5 || now - S.lastShrink < SHRINK_EVERY_S) return;
